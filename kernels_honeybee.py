@@ -15,6 +15,11 @@ import torch
 import torch.nn.functional as F
 
 
+def _accumulation_dtype(t):
+    """fp32 for fp16/bf16/fp32 inputs, fp64 for fp64 inputs (so the references double as fp64 references)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def msda_reference(value, spatial_shapes, sampling_locations, attention_logits):
     """Multi-scale deformable attention (Deformable DETR, arXiv 2010.04159, eq. 3) with the softmax fused in.
 
@@ -22,13 +27,13 @@ def msda_reference(value, spatial_shapes, sampling_locations, attention_logits):
     spatial_shapes:     list of (H_l, W_l) python ints
     sampling_locations: (B, Q, nh, L, P, 2), (x, y) normalised to [0, 1]; outside samples read zeros
     attention_logits:   (B, Q, nh, L*P), softmax over L*P per head
-    returns             (B, Q, nh*hd), accumulated in fp32, in value's dtype
+    returns             (B, Q, nh*hd), accumulated in fp32 (fp64 for fp64 value), in value's dtype
     """
     B, S, nh, hd = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
-    out_dtype = value.dtype
-    value, sampling_locations = value.float(), sampling_locations.float()
-    weights = attention_logits.float().softmax(-1).view(B, Q, nh, L, P)
+    out_dtype, acc_dtype = value.dtype, _accumulation_dtype(value)
+    value, sampling_locations = value.to(acc_dtype), sampling_locations.to(acc_dtype)
+    weights = attention_logits.to(acc_dtype).softmax(-1).view(B, Q, nh, L, P)
     grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
     sizes = [h * w for h, w in spatial_shapes]
     sampled = []
@@ -46,7 +51,7 @@ def cabs_dwconv_block_reference(x, h, w, ln1_weight, ln1_bias, dw_weight, ln2_we
     """The middle of a RegNet bottleneck: SiLU(LN1(x)) -> depthwise 3x3 -> SiLU(LN2(.)), plus the SE mean.
 
     x: (B, N, C) the conv1 output before its norm; dw_weight: (C, 1, 3, 3).
-    returns y (B, N, C) in x's dtype, and se_mean (B, C) = mean of y over the tokens, in fp32.
+    returns y (B, N, C) in x's dtype, and se_mean (B, C) = mean of y over the tokens, in fp32 (fp64 for fp64 x).
     """
     B, N, C = x.shape
     t = F.silu(F.layer_norm(x, (C,), ln1_weight, ln1_bias, eps))
@@ -54,7 +59,7 @@ def cabs_dwconv_block_reference(x, h, w, ln1_weight, ln1_bias, dw_weight, ln2_we
     t = F.conv2d(t, dw_weight, padding=1, groups=C)
     t = t.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, N, C)
     y = F.silu(F.layer_norm(t, (C,), ln2_weight, ln2_bias, eps))
-    return y, y.float().mean(1)
+    return y, y.to(_accumulation_dtype(y)).mean(1)
 
 
 def ln_residual_silu_reference(y, weight, bias, residual, eps):
@@ -71,45 +76,1126 @@ def adaptive_avg_pool_reference(x, h, w, out_h, out_w):
     t = x.transpose(1, 2).reshape(B, C, h, w)  # (B, C, h, w)
     return F.adaptive_avg_pool2d(t, (out_h, out_w)).flatten(2).transpose(1, 2)  # (B, M, C)
 
+
+def ln_residual_silu_pool_reference(y, weight, bias, residual, eps, h, w, out_h, out_w):
+    """`ln_residual_silu` followed by `adaptive_avg_pool`: the end of the last block before the pool, fused."""
+    return adaptive_avg_pool_reference(ln_residual_silu_reference(y, weight, bias, residual, eps), h, w, out_h, out_w)
+
+# ---- kernels/common.py -------------------------------------------------------------
+"""What the Triton kernel modules share: the guarded Triton import, dtype rules, output allocation, op registration.
+
+Triton is optional (the tf4 test environment and CPU-only installs have none). Without it the kernels below
+still *define* (against a stand-in `triton`/`tl`), but nothing launches them: `ops.py` takes the references.
+"""
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+if not HAS_TRITON:
+
+    class _TritonStandIn:
+        """Takes the place of `triton` and `triton.language` so that `@triton.jit` and `tl.constexpr` annotations
+        evaluate; the decorated functions are never called."""
+
+        constexpr = None
+
+        @staticmethod
+        def jit(fn=None, **kwargs):
+            return fn if fn is not None else (lambda f: f)
+
+    triton = tl = _TritonStandIn()
+
+
+@triton.jit
+def _interpreter_probe():
+    pass
+
+
+# Triton reads TRITON_INTERPRET when `@triton.jit` decorates, so the decorated probe says how every kernel in
+# this package was built: interpreted (runs on CPU tensors, one numpy program at a time) or compiled (GPU only).
+KERNELS_INTERPRETED = HAS_TRITON and type(_interpreter_probe).__name__ == "InterpretedFunction"
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Tests set this to fill every kernel output with NaN before launch, so an element a kernel forgets to store
+# shows up as NaN instead of as whatever `torch.empty` happened to return.
+POISON_OUTPUTS = False
+
+
+def new_output(shape, dtype, device):
+    """Allocate a tensor that a kernel writes completely (no atomics into it)."""
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def kernels_unavailable_reason(device):
+    """None when the Triton kernels can run on tensors of `device`; otherwise why not, and what to do."""
+    if not HAS_TRITON:
+        return "Triton is not installed (`pip install 'triton>=3.6'`); use backend='torch' (the PyTorch reference)"
+    if device.type == "cuda" or (device.type == "cpu" and KERNELS_INTERPRETED):
+        return None
+    if device.type == "cpu":
+        return (
+            "the tensors are on the CPU, where Triton kernels only run under Triton's interpreter, and "
+            "TRITON_INTERPRET=1 was not set when the kernels were imported (Triton reads it when `@triton.jit` "
+            "decorates). Set TRITON_INTERPRET=1 in the environment before importing honeybee_hf.kernels or "
+            "kernels_honeybee (slow: meant for tests), move the tensors to a GPU, or use backend='torch'"
+        )
+    return f"Triton kernels do not run on {device.type} tensors; use backend='torch'"
+
+
+def check_kernel_inputs(op_name, *tensors):
+    """Raise on what the kernels do not handle, instead of computing garbage."""
+    device = tensors[0].device
+    reason = kernels_unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"{op_name}: {reason}")
+    for t in tensors:
+        if t.dtype not in KERNEL_DTYPES:
+            raise TypeError(f"{op_name}: Triton kernel supports {KERNEL_DTYPES}, got a {t.dtype} tensor")
+        if t.device != device:
+            raise ValueError(f"{op_name}: all tensors must be on one device, got {device} and {t.device}")
+
+
+def compute_dtype(*tensors):
+    """In-kernel math dtype: fp64 when any input is fp64 (gradcheck needs it), fp32 otherwise (fp16/bf16 too).
+
+    Returns (torch dtype, Triton dtype): the first sizes fp32/fp64 accumulation buffers, the second is the
+    `CT` constexpr passed to the kernels.
+    """
+    if any(t.dtype == torch.float64 for t in tensors):
+        return torch.float64, tl.float64
+    return torch.float32, tl.float32
+
+
+def next_pow2(n):
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def weight_grad_groups(num_programs):
+    """Rows of the fp32 buffer that per-program weight-gradient partials are atomically added into.
+
+    Program i adds into row i % groups; a `.sum(0)` finishes the reduction. Fewer rows than programs bound the
+    buffer size, more than one row keeps the atomics on one address from serialising all programs.
+    """
+    return max(1, min(num_programs, 64))
+
+
+def define_custom_op(qualname, impl, fake, backward=None, setup_context=None):
+    """`torch.library.custom_op` that tolerates a second copy of this code in the process.
+
+    The package module `honeybee_hf.kernels.*` and the flat Hub copy `kernels_honeybee.py` hold the same
+    kernels, and both may be imported in one process; registering one op name twice raises. The second copy
+    therefore reuses the op the first registered (the code behind it is the same).
+    """
+    namespace, name = qualname.split("::")
+    try:
+        return getattr(getattr(torch.ops, namespace), name)
+    except (AttributeError, RuntimeError):
+        pass  # not registered yet
+    op = torch.library.custom_op(qualname, impl, mutates_args=())
+    op.register_fake(fake)
+    if backward is not None:
+        op.register_autograd(backward, setup_context=setup_context)
+    return op
+
+# ---- kernels/msda.py ---------------------------------------------------------------
+"""Multi-scale deformable attention (Deformable DETR, arXiv 2010.04159, eq. 3) in Triton, softmax fused in.
+
+Semantics are `msda_reference`'s: bilinear sampling with align_corners=False (pixel centres at (i + 0.5) / size,
+so a location `loc` samples at `loc * size - 0.5`), zeros outside the map, a softmax over the L*P logits of each
+(query, head), and fp32 accumulation for fp16/bf16/fp32 inputs (fp64 for fp64 inputs, so gradcheck works).
+
+One program owns BLOCK_Q queries of one (batch, head) and all head-dim channels: tiles are [BLOCK_Q, BLOCK_D].
+Backward: grad_loc and grad_logits belong to one (b, q, head, level, point) and are reduced over the head dim
+in registers; grad_value gets scattered to the four corners of every sample, so it is `tl.atomic_add`ed into a
+zeroed fp32 (fp64) buffer and cast at the end (atomics make it non-deterministic, like grid_sample's backward).
+"""
+
+import torch
+
+
+
+
+@triton.jit
+def _msda_level(SHAPES, level: tl.constexpr):
+    """(H, W, first token) of one level, from the int32 (L, 3) table."""
+    return tl.load(SHAPES + 3 * level), tl.load(SHAPES + 3 * level + 1), tl.load(SHAPES + 3 * level + 2)
+
+
+@triton.jit
+def _msda_softmax(LOGITS, row, q_mask, LP: tl.constexpr, LP_PAD: tl.constexpr, CT: tl.constexpr):
+    """Softmax over the L*P logits of each query row: returns the weights as a [BLOCK_Q, LP_PAD] tile."""
+    cols = tl.arange(0, LP_PAD)
+    mask = q_mask[:, None] & (cols[None, :] < LP)
+    logits = tl.load(LOGITS + row[:, None] * LP + cols[None, :], mask=mask, other=0.0).to(CT)
+    logits = tl.where(cols[None, :] < LP, logits, float("-inf"))  # padding columns get zero weight
+    logits = logits - tl.max(logits, axis=1)[:, None]
+    e = tl.exp(logits)
+    return e / tl.sum(e, axis=1)[:, None]
+
+
+@triton.jit
+def _msda_column(tile, k: tl.constexpr, LP_PAD: tl.constexpr):
+    """Column k of a [BLOCK_Q, LP_PAD] register tile (Triton has no dynamic register indexing)."""
+    cols = tl.arange(0, LP_PAD)
+    return tl.sum(tl.where(cols[None, :] == k, tile, 0.0), axis=1)
+
+
+@triton.jit
+def _msda_sample_point(LOC, row, k: tl.constexpr, q_mask, H, W, LP: tl.constexpr, CT: tl.constexpr):
+    """Bilinear set-up for sampling point k of each query: top-left corner and fractional offsets.
+
+    Returns x0, y0 (int32 pixel indices of the top-left corner) and fx, fy (in [0, 1)).
+    """
+    loc_x = tl.load(LOC + (row * LP + k) * 2, mask=q_mask, other=0.0).to(CT)
+    loc_y = tl.load(LOC + (row * LP + k) * 2 + 1, mask=q_mask, other=0.0).to(CT)
+    x = loc_x * W - 0.5  # align_corners=False
+    y = loc_y * H - 0.5
+    # Far-away samples are clamped so floor() fits int32; at -2 or size+1 both corners are already outside,
+    # so the value (zero) and the gradient (zero) do not change.
+    x = tl.minimum(tl.maximum(x, -2.0), W + 1.0)
+    y = tl.minimum(tl.maximum(y, -2.0), H + 1.0)
+    x0f = tl.floor(x)
+    y0f = tl.floor(y)
+    return x0f.to(tl.int32), y0f.to(tl.int32), x - x0f, y - y0f
+
+
+@triton.jit
+def _msda_corner(b, m, start, yi, xi, H, W, S, NH: tl.constexpr, HD: tl.constexpr, d, d_mask, q_mask):
+    """Element offsets [BLOCK_Q, BLOCK_D] into value (B, S, nh, hd) of one bilinear corner, and its mask.
+
+    Two-sided bounds per corner (zero padding) and clamped addresses, so masked lanes never point outside.
+    """
+    inside = (xi >= 0) & (xi < W) & (yi >= 0) & (yi < H) & q_mask
+    xc = tl.minimum(tl.maximum(xi, 0), W - 1)
+    yc = tl.minimum(tl.maximum(yi, 0), H - 1)
+    token = (b * S + start + yc * W + xc).to(tl.int64)
+    offs = (token * NH + m)[:, None] * HD + d[None, :]
+    return offs, inside[:, None] & d_mask[None, :]
+
+
+@triton.jit
+def _msda_fwd_fused_softmax_bilinear(
+    VALUE, SHAPES, LOC, LOGITS, OUT,
+    Q, S,
+    NH: tl.constexpr, HD: tl.constexpr, L: tl.constexpr, P: tl.constexpr, LP_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, CT: tl.constexpr,
+):
+    pid_q = tl.program_id(0)
+    pid_bm = tl.program_id(1)
+    b = pid_bm // NH
+    m = pid_bm % NH
+    q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = q < Q
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HD
+    row = ((b * Q + q) * NH + m).to(tl.int64)  # (b, q, head) row of loc / logits / out
+
+    attn = _msda_softmax(LOGITS, row, q_mask, L * P, LP_PAD, CT)  # [BLOCK_Q, LP_PAD]
+    acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=CT)
+    for level in tl.static_range(L):
+        H, W, start = _msda_level(SHAPES, level)
+        for p in tl.static_range(P):
+            k: tl.constexpr = level * P + p
+            x0, y0, fx, fy = _msda_sample_point(LOC, row, k, q_mask, H, W, L * P, CT)
+            o00, m00 = _msda_corner(b, m, start, y0, x0, H, W, S, NH, HD, d, d_mask, q_mask)
+            o01, m01 = _msda_corner(b, m, start, y0, x0 + 1, H, W, S, NH, HD, d, d_mask, q_mask)
+            o10, m10 = _msda_corner(b, m, start, y0 + 1, x0, H, W, S, NH, HD, d, d_mask, q_mask)
+            o11, m11 = _msda_corner(b, m, start, y0 + 1, x0 + 1, H, W, S, NH, HD, d, d_mask, q_mask)
+            # upcast right after the load: fp16/bf16 math in fp32 (the interpreter also needs it for bf16)
+            v00 = tl.load(VALUE + o00, mask=m00, other=0.0).to(CT)
+            v01 = tl.load(VALUE + o01, mask=m01, other=0.0).to(CT)
+            v10 = tl.load(VALUE + o10, mask=m10, other=0.0).to(CT)
+            v11 = tl.load(VALUE + o11, mask=m11, other=0.0).to(CT)
+            top = v00 + (v01 - v00) * fx[:, None]
+            bottom = v10 + (v11 - v10) * fx[:, None]
+            sample = top + (bottom - top) * fy[:, None]
+            acc += _msda_column(attn, k, LP_PAD)[:, None] * sample
+    out_offs = row[:, None] * HD + d[None, :]
+    tl.store(OUT + out_offs, acc.to(OUT.dtype.element_ty), mask=q_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _msda_bwd_fused_softmax_bilinear(
+    GRAD_OUT, VALUE, SHAPES, LOC, LOGITS, GRAD_VALUE_ACC, GRAD_LOC, GRAD_LOGITS,
+    Q, S,
+    NH: tl.constexpr, HD: tl.constexpr, L: tl.constexpr, P: tl.constexpr, LP_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, CT: tl.constexpr,
+):
+    pid_q = tl.program_id(0)
+    pid_bm = tl.program_id(1)
+    b = pid_bm // NH
+    m = pid_bm % NH
+    q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = q < Q
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HD
+    row = ((b * Q + q) * NH + m).to(tl.int64)
+    cols = tl.arange(0, LP_PAD)
+
+    attn = _msda_softmax(LOGITS, row, q_mask, L * P, LP_PAD, CT)  # [BLOCK_Q, LP_PAD]
+    go_mask = q_mask[:, None] & d_mask[None, :]
+    go = tl.load(GRAD_OUT + row[:, None] * HD + d[None, :], mask=go_mask, other=0.0).to(CT)  # [BLOCK_Q, BLOCK_D]
+    grad_attn = tl.zeros((BLOCK_Q, LP_PAD), dtype=CT)  # d loss / d softmax weight
+    for level in tl.static_range(L):
+        H, W, start = _msda_level(SHAPES, level)
+        for p in tl.static_range(P):
+            k: tl.constexpr = level * P + p
+            a = _msda_column(attn, k, LP_PAD)
+            x0, y0, fx, fy = _msda_sample_point(LOC, row, k, q_mask, H, W, L * P, CT)
+            o00, m00 = _msda_corner(b, m, start, y0, x0, H, W, S, NH, HD, d, d_mask, q_mask)
+            o01, m01 = _msda_corner(b, m, start, y0, x0 + 1, H, W, S, NH, HD, d, d_mask, q_mask)
+            o10, m10 = _msda_corner(b, m, start, y0 + 1, x0, H, W, S, NH, HD, d, d_mask, q_mask)
+            o11, m11 = _msda_corner(b, m, start, y0 + 1, x0 + 1, H, W, S, NH, HD, d, d_mask, q_mask)
+            v00 = tl.load(VALUE + o00, mask=m00, other=0.0).to(CT)
+            v01 = tl.load(VALUE + o01, mask=m01, other=0.0).to(CT)
+            v10 = tl.load(VALUE + o10, mask=m10, other=0.0).to(CT)
+            v11 = tl.load(VALUE + o11, mask=m11, other=0.0).to(CT)
+            fx2 = fx[:, None]
+            fy2 = fy[:, None]
+            top = v00 + (v01 - v00) * fx2
+            bottom = v10 + (v11 - v10) * fx2
+            sample = top + (bottom - top) * fy2
+            grad_attn = tl.where(cols[None, :] == k, tl.sum(go * sample, axis=1)[:, None], grad_attn)
+
+            # d sample / d x = (1-fy)(v01-v00) + fy(v11-v10), and x = loc_x * W - 0.5 (same for y)
+            ga = go * a[:, None]  # d loss / d sample
+            grad_x = tl.sum(ga * ((v01 - v00) * (1.0 - fy2) + (v11 - v10) * fy2), axis=1)
+            grad_y = tl.sum(ga * (bottom - top), axis=1)
+            loc_offs = (row * (L * P) + k) * 2
+            tl.store(GRAD_LOC + loc_offs, (grad_x * W).to(GRAD_LOC.dtype.element_ty), mask=q_mask)
+            tl.store(GRAD_LOC + loc_offs + 1, (grad_y * H).to(GRAD_LOC.dtype.element_ty), mask=q_mask)
+
+            # scatter to the four corners; zero-padding corners are masked off
+            tl.atomic_add(GRAD_VALUE_ACC + o00, ga * ((1.0 - fy2) * (1.0 - fx2)), mask=m00)
+            tl.atomic_add(GRAD_VALUE_ACC + o01, ga * ((1.0 - fy2) * fx2), mask=m01)
+            tl.atomic_add(GRAD_VALUE_ACC + o10, ga * (fy2 * (1.0 - fx2)), mask=m10)
+            tl.atomic_add(GRAD_VALUE_ACC + o11, ga * (fy2 * fx2), mask=m11)
+
+    # softmax backward: d logit_k = a_k * (g_k - sum_j a_j g_j)
+    grad_logits = attn * (grad_attn - tl.sum(attn * grad_attn, axis=1)[:, None])
+    lp_mask = q_mask[:, None] & (cols[None, :] < L * P)
+    tl.store(GRAD_LOGITS + row[:, None] * (L * P) + cols[None, :], grad_logits.to(GRAD_LOGITS.dtype.element_ty), mask=lp_mask)
+
+
+# ---- launch ------------------------------------------------------------------------------------------------
+
+
+_MSDA_LEVEL_TABLES = {}
+
+
+def _msda_level_table(spatial_shapes, device):
+    """int32 (L, 3) table of (H, W, first token) per level, cached per device.
+
+    Cached so that a call inside CUDA-graph capture (after a warm-up call) does no host-to-device copy.
+    """
+    key = (tuple(spatial_shapes), str(device))
+    if key not in _MSDA_LEVEL_TABLES:
+        rows, start = [], 0
+        for h, w in zip(spatial_shapes[0::2], spatial_shapes[1::2]):
+            rows.append((h, w, start))
+            start += h * w
+        _MSDA_LEVEL_TABLES[key] = torch.tensor(rows, dtype=torch.int32, device=device)
+    return _MSDA_LEVEL_TABLES[key]
+
+
+_SM_COUNTS = {}
+
+
+def _sm_count(device):
+    if device not in _SM_COUNTS:
+        _SM_COUNTS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNTS[device]
+
+
+def _msda_tiles(B, Q, nh, hd, device):
+    """(BLOCK_Q, BLOCK_D, num_warps). Heuristic, not autotuned: autotuning cannot run on the CPU CI."""
+    block_d = next_pow2(hd)
+    if KERNELS_INTERPRETED:
+        # the interpreter costs about the same per program whatever its size: few, large programs
+        return min(next_pow2(Q), 1024), block_d, 4
+    # GPU: the largest query tile that still gives every SM two programs; small B (the projector at B=1) needs
+    # small tiles to fill the machine, large B can afford [64, hd] tiles
+    sms = _sm_count(device)
+    for block_q in (64, 32, 16, 8, 4):
+        if B * nh * triton.cdiv(Q, block_q) >= 2 * sms:
+            break
+    return block_q, block_d, 4 if block_q * block_d >= 2048 else 2
+
+
+def _msda_check(value, spatial_shapes, sampling_locations, attention_logits):
+    check_kernel_inputs("msda", value, sampling_locations, attention_logits)
+    B, S, nh, hd = value.shape
+    L = len(spatial_shapes) // 2
+    if len(spatial_shapes) != 2 * L or L == 0:
+        raise ValueError(f"msda: spatial_shapes must hold (H, W) per level, got {spatial_shapes}")
+    if S != sum(h * w for h, w in zip(spatial_shapes[0::2], spatial_shapes[1::2])):
+        raise ValueError(f"msda: value has {S} tokens, the levels {spatial_shapes} hold a different number")
+    if sampling_locations.dim() != 6 or sampling_locations.shape[:4] != (B, sampling_locations.shape[1], nh, L) or sampling_locations.shape[-1] != 2:
+        raise ValueError(f"msda: sampling_locations must be (B, Q, nh, L, P, 2), got {tuple(sampling_locations.shape)}")
+    Q, P = sampling_locations.shape[1], sampling_locations.shape[4]
+    if attention_logits.shape != (B, Q, nh, L * P):
+        raise ValueError(f"msda: attention_logits must be {(B, Q, nh, L * P)}, got {tuple(attention_logits.shape)}")
+    return B, S, nh, hd, Q, L, P
+
+
+def _msda_forward(value: torch.Tensor, spatial_shapes: list[int], sampling_locations: torch.Tensor, attention_logits: torch.Tensor) -> torch.Tensor:
+    B, S, nh, hd, Q, L, P = _msda_check(value, spatial_shapes, sampling_locations, attention_logits)
+    value, loc, logits = value.contiguous(), sampling_locations.contiguous(), attention_logits.contiguous()
+    out = new_output((B, Q, nh * hd), value.dtype, value.device)
+    block_q, block_d, num_warps = _msda_tiles(B, Q, nh, hd, value.device)
+    _, ct = compute_dtype(value, loc, logits)
+    grid = (triton.cdiv(Q, block_q), B * nh)
+    _msda_fwd_fused_softmax_bilinear[grid](
+        value, _msda_level_table(spatial_shapes, value.device), loc, logits, out, Q, S,
+        NH=nh, HD=hd, L=L, P=P, LP_PAD=next_pow2(L * P), BLOCK_Q=block_q, BLOCK_D=block_d, CT=ct, num_warps=num_warps,
+    )
+    return out
+
+
+def _msda_backward(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: list[int], sampling_locations: torch.Tensor, attention_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, S, nh, hd, Q, L, P = _msda_check(value, spatial_shapes, sampling_locations, attention_logits)
+    value, loc, logits = value.contiguous(), sampling_locations.contiguous(), attention_logits.contiguous()
+    grad_out = grad_out.contiguous()
+    acc_dtype, ct = compute_dtype(value, loc, logits, grad_out)
+    grad_value_acc = torch.zeros(value.shape, dtype=acc_dtype, device=value.device)  # atomics target
+    grad_loc = new_output(loc.shape, loc.dtype, loc.device)
+    grad_logits = new_output(logits.shape, logits.dtype, logits.device)
+    block_q, block_d, num_warps = _msda_tiles(B, Q, nh, hd, value.device)
+    grid = (triton.cdiv(Q, block_q), B * nh)
+    _msda_bwd_fused_softmax_bilinear[grid](
+        grad_out, value, _msda_level_table(spatial_shapes, value.device), loc, logits,
+        grad_value_acc, grad_loc, grad_logits, Q, S,
+        NH=nh, HD=hd, L=L, P=P, LP_PAD=next_pow2(L * P), BLOCK_Q=block_q, BLOCK_D=block_d, CT=ct, num_warps=num_warps,
+    )
+    return grad_value_acc.to(value.dtype), grad_loc, grad_logits
+
+
+def _msda_fake(value, spatial_shapes, sampling_locations, attention_logits):
+    B, _, nh, hd = value.shape
+    return value.new_empty((B, sampling_locations.shape[1], nh * hd))
+
+
+def _msda_backward_fake(grad_out, value, spatial_shapes, sampling_locations, attention_logits):
+    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_logits)
+
+
+def _msda_setup_context(ctx, inputs, output):
+    value, spatial_shapes, sampling_locations, attention_logits = inputs
+    ctx.save_for_backward(value, sampling_locations, attention_logits)
+    ctx.spatial_shapes = spatial_shapes
+
+
+def _msda_autograd_backward(ctx, grad_out):
+    value, sampling_locations, attention_logits = ctx.saved_tensors
+    grads = msda_backward_op(grad_out, value, ctx.spatial_shapes, sampling_locations, attention_logits)
+    return grads[0], None, grads[1], grads[2]
+
+
+if HAS_TRITON:
+    msda_backward_op = define_custom_op("honeybee::msda_backward", _msda_backward, _msda_backward_fake)
+    msda_op = define_custom_op(
+        "honeybee::msda", _msda_forward, _msda_fake, _msda_autograd_backward, _msda_setup_context
+    )
+
+
+def msda_triton(value, spatial_shapes, sampling_locations, attention_logits):
+    """Triton `msda_reference`: same arguments (spatial_shapes a list of (H, W)), same result, with autograd."""
+    flat_shapes = [int(s) for hw in spatial_shapes for s in hw]
+    return msda_op(value, flat_shapes, sampling_locations, attention_logits)
+
+# ---- kernels/cabstractor.py --------------------------------------------------------
+"""C-Abstractor (Honeybee, arXiv 2312.06742 §3.2) fusions in Triton: the memory-bound middle and end of a RegNet
+bottleneck, and the adaptive average pool between the two RegStages.
+
+All tensors are token-major (B, N = h*w, C), row-major tokens, as CLIP hands them over; the 1x1 convolutions
+stay `F.linear` GEMMs outside these kernels. What is fused (each is one kernel forward and one or two backward):
+
+* `cabs_dwconv_block`: SiLU(LN1(x)) -> depthwise 3x3 (zero padding 1) -> SiLU(LN2(.)), plus the SE mean over
+  tokens. A program owns BLOCK_T tokens x all C channels; each of the 9 taps reloads its neighbour tokens and
+  re-applies LN1+SiLU (compute is cheap here, memory traffic is not).
+* `ln_residual_silu_pool`: SiLU(LN(y) + residual), then PyTorch's adaptive average pool with its (possibly
+  overlapping) windows [floor(i*in/out), ceil((i+1)*in/out)). With out == in it is plain `ln_residual_silu`;
+  the pool-only variant (no LN) is `adaptive_avg_pool`.
+
+Math is fp32 for fp16/bf16/fp32 inputs and fp64 for fp64 inputs (`CT`); every load is upcast right away.
+Backward recomputes the normalisations from the saved inputs. Weight gradients are per-program partial sums,
+atomically added into a small (groups, C) fp32 buffer and summed at the end.
+"""
+
+import torch
+
+
+
+# A token's channels must fit one register tile ([BLOCK_T, next_pow2(C)]): LayerNorm needs the whole row.
+CABS_MAX_CHANNELS = 16384
+
+
+# ---- shared pieces -----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _cabs_layer_norm(x, weight, bias, c_mask, C, eps):
+    """Row LayerNorm of a [BLOCK_T, BLOCK_C] tile whose padding columns hold 0. Returns (out, xhat, rstd)."""
+    mean = tl.sum(x, axis=1) / C
+    diff = tl.where(c_mask[None, :], x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / C + eps)
+    xhat = diff * rstd[:, None]
+    return xhat * weight[None, :] + bias[None, :], xhat, rstd
+
+
+@triton.jit
+def _cabs_layer_norm_backward(grad_out, xhat, rstd, weight, C):
+    """d loss / d x of LayerNorm, given d loss / d out: rstd * (g - mean(g) - xhat * mean(g * xhat)), g = grad*w."""
+    g = grad_out * weight[None, :]
+    mean_g = tl.sum(g, axis=1) / C
+    mean_gx = tl.sum(g * xhat, axis=1) / C
+    return rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
+
+
+@triton.jit
+def _cabs_silu_grad(u):
+    """d silu(u) / du = s * (1 + u * (1 - s)), s = sigmoid(u)."""
+    s = tl.sigmoid(u)
+    return s * (1.0 + u * (1.0 - s))
+
+
+@triton.jit
+def _cabs_load_rows(PTR, b, tokens, row_mask, N, c, c_mask, C, CT: tl.constexpr):
+    """Load tokens [BLOCK_T] of image b from a (B, N, C) tensor as a [BLOCK_T, BLOCK_C] CT tile (0 where masked).
+
+    `tokens` must already be clamped into [0, N): masked lanes still form addresses.
+    """
+    offs = (b * N + tokens).to(tl.int64)[:, None] * C + c[None, :]
+    return tl.load(PTR + offs, mask=row_mask[:, None] & c_mask[None, :], other=0.0).to(CT)
+
+
+@triton.jit
+def _cabs_store_rows(PTR, b, tokens, row_mask, N, c, c_mask, C, value):
+    offs = (b * N + tokens).to(tl.int64)[:, None] * C + c[None, :]
+    tl.store(PTR + offs, value.to(PTR.dtype.element_ty), mask=row_mask[:, None] & c_mask[None, :])
+
+
+@triton.jit
+def _cabs_add_partial(PARTIAL, group, row: tl.constexpr, ROWS: tl.constexpr, c, c_mask, C, value):
+    """Atomically add a [BLOCK_C] partial sum into row `row` of group `group` of a (groups, ROWS, C) buffer."""
+    tl.atomic_add(PARTIAL + (group * ROWS + row) * C + c, value, mask=c_mask)
+
+
+@triton.jit
+def _cabs_neighbour(r, col, dy: tl.constexpr, dx: tl.constexpr, t_mask, h, w):
+    """Token at (r + dy, col + dx), clamped into the image, and whether it is inside (zero padding otherwise)."""
+    nr = r + dy
+    nc = col + dx
+    inside = t_mask & (nr >= 0) & (nr < h) & (nc >= 0) & (nc < w)
+    token = tl.minimum(tl.maximum(nr, 0), h - 1) * w + tl.minimum(tl.maximum(nc, 0), w - 1)
+    return token, inside
+
+
+@triton.jit
+def _cabs_ln1_silu_at(X, b, token, inside, N, c, c_mask, C, w1, b1, eps, CT: tl.constexpr):
+    """SiLU(LN1(x)) at the given tokens, zero outside the image: the depthwise conv's zero-padded input."""
+    x = _cabs_load_rows(X, b, token, inside, N, c, c_mask, C, CT)
+    u, xhat, rstd = _cabs_layer_norm(x, w1, b1, c_mask, C, eps)
+    return tl.where(inside[:, None], u * tl.sigmoid(u), 0.0)
+
+
+@triton.jit
+def _cabs_dwconv3x3_of_ln1_silu(X, DW, b, r, col, t_mask, h, w, N, c, c_mask, C, w1, b1, eps,
+                                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, CT: tl.constexpr):
+    """z = depthwise3x3(SiLU(LN1(x))) for a tile of tokens: [BLOCK_T, BLOCK_C]."""
+    z = tl.zeros((BLOCK_T, BLOCK_C), dtype=CT)
+    for tap in tl.static_range(9):
+        token, inside = _cabs_neighbour(r, col, tap // 3 - 1, tap % 3 - 1, t_mask, h, w)
+        a = _cabs_ln1_silu_at(X, b, token, inside, N, c, c_mask, C, w1, b1, eps, CT)
+        z += a * tl.load(DW + c * 9 + tap, mask=c_mask, other=0.0).to(CT)[None, :]
+    return z
+
+
+# ---- kernel (a): LN1+SiLU -> depthwise 3x3 -> LN2+SiLU -> SE mean -------------------------------------------
+
+
+@triton.jit
+def _cabs_ln_silu_dwconv3x3_ln_silu_sepool_fwd(
+    X, LN1_W, LN1_B, DW, LN2_W, LN2_B, Y, SE_MEAN,
+    N, h, w, C, eps,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, CT: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = t < N
+    t = tl.minimum(t, N - 1)
+    r = t // w
+    col = t % w
+    c = tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    w1 = tl.load(LN1_W + c, mask=c_mask, other=0.0).to(CT)
+    b1 = tl.load(LN1_B + c, mask=c_mask, other=0.0).to(CT)
+    w2 = tl.load(LN2_W + c, mask=c_mask, other=0.0).to(CT)
+    b2 = tl.load(LN2_B + c, mask=c_mask, other=0.0).to(CT)
+
+    z = _cabs_dwconv3x3_of_ln1_silu(X, DW, b, r, col, t_mask, h, w, N, c, c_mask, C, w1, b1, eps, BLOCK_T, BLOCK_C, CT)
+    v, _, _ = _cabs_layer_norm(z, w2, b2, c_mask, C, eps)
+    y = v * tl.sigmoid(v)
+    _cabs_store_rows(Y, b, t, t_mask, N, c, c_mask, C, y)
+    # SE squeeze: this tile's share of the mean over the image's tokens
+    se = tl.sum(tl.where(t_mask[:, None], y, 0.0), axis=0) / N
+    tl.atomic_add(SE_MEAN + b * C + c, se, mask=c_mask)
+
+
+@triton.jit
+def _cabs_dwconv_ln_silu_sepool_bwd_to_conv_out(
+    GRAD_Y, GRAD_SE, X, LN1_W, LN1_B, DW, LN2_W, LN2_B, GRAD_Z, PARTIAL,
+    N, h, w, C, eps, GROUPS,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, CT: tl.constexpr,
+):
+    """Backward, part 1: d loss / d z (the depthwise conv output) through LN2, SiLU and the SE mean.
+
+    Recomputes z from x. PARTIAL rows: 0 = d ln2_weight, 1 = d ln2_bias.
+    """
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = t < N
+    t = tl.minimum(t, N - 1)
+    r = t // w
+    col = t % w
+    c = tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    w1 = tl.load(LN1_W + c, mask=c_mask, other=0.0).to(CT)
+    b1 = tl.load(LN1_B + c, mask=c_mask, other=0.0).to(CT)
+    w2 = tl.load(LN2_W + c, mask=c_mask, other=0.0).to(CT)
+    b2 = tl.load(LN2_B + c, mask=c_mask, other=0.0).to(CT)
+
+    z = _cabs_dwconv3x3_of_ln1_silu(X, DW, b, r, col, t_mask, h, w, N, c, c_mask, C, w1, b1, eps, BLOCK_T, BLOCK_C, CT)
+    v, xhat2, rstd2 = _cabs_layer_norm(z, w2, b2, c_mask, C, eps)
+    # every token receives 1/N of the SE mean's gradient
+    grad_se = tl.load(GRAD_SE + b * C + c, mask=c_mask, other=0.0).to(CT) / N
+    grad_y = _cabs_load_rows(GRAD_Y, b, t, t_mask, N, c, c_mask, C, CT) + grad_se[None, :]
+    grad_v = tl.where(t_mask[:, None], grad_y * _cabs_silu_grad(v), 0.0)
+    grad_z = _cabs_layer_norm_backward(grad_v, xhat2, rstd2, w2, C)
+    _cabs_store_rows(GRAD_Z, b, t, t_mask, N, c, c_mask, C, grad_z)
+
+    group = (b * tl.num_programs(0) + pid_t) % GROUPS
+    _cabs_add_partial(PARTIAL, group, 0, 2, c, c_mask, C, tl.sum(grad_v * xhat2, axis=0))
+    _cabs_add_partial(PARTIAL, group, 1, 2, c, c_mask, C, tl.sum(grad_v, axis=0))
+
+
+@triton.jit
+def _cabs_ln_silu_dwconv3x3_bwd_to_input(
+    GRAD_Z, X, LN1_W, LN1_B, DW, GRAD_X, PARTIAL,
+    N, h, w, C, eps, GROUPS,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, CT: tl.constexpr,
+):
+    """Backward, part 2: d loss / d x through the depthwise conv (its transpose: taps mirrored), SiLU and LN1.
+
+    With z[t] = sum_tap dw[tap] * a[t + d_tap]: d a[s] = sum_tap dw[tap] * dz[s - d_tap] and
+    d dw[tap] = sum_s a[s] * dz[s - d_tap]. PARTIAL rows: 0..8 = d dw taps, 9 = d ln1_weight, 10 = d ln1_bias.
+    """
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1)
+    s = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    s_mask = s < N
+    s = tl.minimum(s, N - 1)
+    r = s // w
+    col = s % w
+    c = tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    w1 = tl.load(LN1_W + c, mask=c_mask, other=0.0).to(CT)
+    b1 = tl.load(LN1_B + c, mask=c_mask, other=0.0).to(CT)
+
+    x = _cabs_load_rows(X, b, s, s_mask, N, c, c_mask, C, CT)
+    u, xhat1, rstd1 = _cabs_layer_norm(x, w1, b1, c_mask, C, eps)
+    a = tl.where(s_mask[:, None], u * tl.sigmoid(u), 0.0)
+
+    group = (b * tl.num_programs(0) + pid_t) % GROUPS
+    grad_a = tl.zeros((BLOCK_T, BLOCK_C), dtype=CT)
+    for tap in tl.static_range(9):
+        token, inside = _cabs_neighbour(r, col, 1 - tap // 3, 1 - tap % 3, s_mask, h, w)  # s - d_tap
+        grad_z = _cabs_load_rows(GRAD_Z, b, token, inside, N, c, c_mask, C, CT)
+        grad_a += grad_z * tl.load(DW + c * 9 + tap, mask=c_mask, other=0.0).to(CT)[None, :]
+        _cabs_add_partial(PARTIAL, group, tap, 11, c, c_mask, C, tl.sum(a * grad_z, axis=0))
+
+    grad_u = grad_a * _cabs_silu_grad(u)
+    grad_x = _cabs_layer_norm_backward(grad_u, xhat1, rstd1, w1, C)
+    _cabs_store_rows(GRAD_X, b, s, s_mask, N, c, c_mask, C, grad_x)
+    _cabs_add_partial(PARTIAL, group, 9, 11, c, c_mask, C, tl.sum(grad_u * xhat1, axis=0))
+    _cabs_add_partial(PARTIAL, group, 10, 11, c, c_mask, C, tl.sum(grad_u, axis=0))
+
+
+# ---- kernels (b)+(c): LN + residual + SiLU, then the adaptive average pool ---------------------------------
+
+
+@triton.jit
+def _cabs_pool_window(o, h_in, h_out):
+    """PyTorch's adaptive pooling window along one axis: [floor(o*in/out), ceil((o+1)*in/out))."""
+    return (o * h_in) // h_out, ((o + 1) * h_in + h_out - 1) // h_out
+
+
+@triton.jit
+def _cabs_ln_residual_silu_at(Y, R, b, token, valid, N, c, c_mask, C, weight, bias, eps, CT: tl.constexpr):
+    """SiLU(LN(y) + r) at the given tokens. Returns (out, pre-activation, xhat, rstd)."""
+    y = _cabs_load_rows(Y, b, token, valid, N, c, c_mask, C, CT)
+    pre, xhat, rstd = _cabs_layer_norm(y, weight, bias, c_mask, C, eps)
+    pre += _cabs_load_rows(R, b, token, valid, N, c, c_mask, C, CT)
+    return pre * tl.sigmoid(pre), pre, xhat, rstd
+
+
+@triton.jit
+def _cabs_ln_residual_silu_avgpool_fwd(
+    Y, W, BIAS, R, OUT,
+    h, w, out_h, out_w, C, eps,
+    LN_RESIDUAL_SILU: tl.constexpr, WIN_H: tl.constexpr, WIN_W: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, CT: tl.constexpr,
+):
+    """A tile of pooled output tokens: the mean of SiLU(LN(y) + r) (or of y alone) over each one's window.
+
+    WIN_H x WIN_W bounds the largest window; lanes beyond a token's own window are masked. Overlapping windows
+    recompute the normalisation of shared input tokens rather than storing the full-resolution output.
+    """
+    pid_o = tl.program_id(0)
+    b = tl.program_id(1)
+    N = h * w
+    M = out_h * out_w
+    o = pid_o * BLOCK_T + tl.arange(0, BLOCK_T)
+    o_mask = o < M
+    o = tl.minimum(o, M - 1)
+    y0, y1 = _cabs_pool_window(o // out_w, h, out_h)
+    x0, x1 = _cabs_pool_window(o % out_w, w, out_w)
+    c = tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    if LN_RESIDUAL_SILU:
+        weight = tl.load(W + c, mask=c_mask, other=0.0).to(CT)
+        bias = tl.load(BIAS + c, mask=c_mask, other=0.0).to(CT)
+
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=CT)
+    for ky in tl.static_range(WIN_H):
+        for kx in tl.static_range(WIN_W):
+            valid = o_mask & (y0 + ky < y1) & (x0 + kx < x1)
+            token = tl.minimum(y0 + ky, h - 1) * w + tl.minimum(x0 + kx, w - 1)
+            if LN_RESIDUAL_SILU:
+                val, _, _, _ = _cabs_ln_residual_silu_at(Y, R, b, token, valid, N, c, c_mask, C, weight, bias, eps, CT)
+            else:
+                val = _cabs_load_rows(Y, b, token, valid, N, c, c_mask, C, CT)
+            acc += tl.where(valid[:, None], val, 0.0)
+    count = ((y1 - y0) * (x1 - x0)).to(CT)
+    _cabs_store_rows(OUT, b, o, o_mask, M, c, c_mask, C, acc / count[:, None])
+
+
+@triton.jit
+def _cabs_ln_residual_silu_avgpool_bwd(
+    GRAD_OUT, Y, W, BIAS, R, GRAD_Y, GRAD_R, PARTIAL,
+    h, w, out_h, out_w, C, eps, GROUPS,
+    LN_RESIDUAL_SILU: tl.constexpr, FAN_H: tl.constexpr, FAN_W: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, CT: tl.constexpr,
+):
+    """A tile of input tokens: gather the pooled gradient from every window that holds each token (no atomics),
+    then backpropagate through SiLU(LN(y) + r). PARTIAL rows: 0 = d weight, 1 = d bias.
+
+    The windows holding input row i are the outputs [floor(i*out/in), ...), at most FAN_H of them (FAN_W for
+    columns); membership is tested with the exact window formula.
+    """
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1)
+    N = h * w
+    M = out_h * out_w
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = t < N
+    t = tl.minimum(t, N - 1)
+    iy = t // w
+    ix = t % w
+    c = tl.arange(0, BLOCK_C)
+    c_mask = c < C
+
+    grad = tl.zeros((BLOCK_T, BLOCK_C), dtype=CT)  # d loss / d (pool input)
+    for jy in tl.static_range(FAN_H):
+        oy = (iy * out_h) // h + jy
+        wy0, wy1 = _cabs_pool_window(oy, h, out_h)
+        for jx in tl.static_range(FAN_W):
+            ox = (ix * out_w) // w + jx
+            wx0, wx1 = _cabs_pool_window(ox, w, out_w)
+            holds = t_mask & (oy < out_h) & (iy >= wy0) & (iy < wy1) & (ox < out_w) & (ix >= wx0) & (ix < wx1)
+            o = tl.minimum(oy, out_h - 1) * out_w + tl.minimum(ox, out_w - 1)
+            g = _cabs_load_rows(GRAD_OUT, b, o, holds, M, c, c_mask, C, CT)
+            grad += g / ((wy1 - wy0) * (wx1 - wx0)).to(CT)[:, None]
+
+    if LN_RESIDUAL_SILU:
+        weight = tl.load(W + c, mask=c_mask, other=0.0).to(CT)
+        bias = tl.load(BIAS + c, mask=c_mask, other=0.0).to(CT)
+        _, pre, xhat, rstd = _cabs_ln_residual_silu_at(Y, R, b, t, t_mask, N, c, c_mask, C, weight, bias, eps, CT)
+        grad_pre = grad * _cabs_silu_grad(pre)
+        _cabs_store_rows(GRAD_R, b, t, t_mask, N, c, c_mask, C, grad_pre)
+        _cabs_store_rows(GRAD_Y, b, t, t_mask, N, c, c_mask, C, _cabs_layer_norm_backward(grad_pre, xhat, rstd, weight, C))
+        group = (b * tl.num_programs(0) + pid_t) % GROUPS
+        _cabs_add_partial(PARTIAL, group, 0, 2, c, c_mask, C, tl.sum(grad_pre * xhat, axis=0))
+        _cabs_add_partial(PARTIAL, group, 1, 2, c, c_mask, C, tl.sum(grad_pre, axis=0))
+    else:
+        _cabs_store_rows(GRAD_Y, b, t, t_mask, N, c, c_mask, C, grad)
+
+
+# ---- launch ------------------------------------------------------------------------------------------------
+
+
+def _cabs_tiles(tokens, C, live_tiles):
+    """(BLOCK_T, BLOCK_C, num_warps) for a [BLOCK_T tokens, all C channels] program.
+
+    Heuristic, not autotuned (autotuning cannot run on the CPU CI). `live_tiles` is roughly how many
+    [BLOCK_T, BLOCK_C] fp32 tiles a kernel keeps in registers, to size BLOCK_T on a GPU.
+    """
+    if C > CABS_MAX_CHANNELS:
+        raise ValueError(f"C-Abstractor kernels hold a token's {C} channels in registers: at most {CABS_MAX_CHANNELS}")
+    block_c = next_pow2(C)
+    if KERNELS_INTERPRETED:
+        # the interpreter costs about the same per program whatever its size: few, large programs
+        return max(1, min(next_pow2(tokens), (1 << 20) // block_c)), block_c, 4
+    num_warps = 8 if block_c >= 1024 else 4
+    # keep the live tiles within about 64 fp32 registers per thread
+    budget = num_warps * 32 * 64
+    block_t = 1
+    while block_t < tokens and 2 * block_t * block_c * live_tiles <= budget:
+        block_t *= 2
+    return block_t, block_c, num_warps
+
+
+def _cabs_pool_window_bounds(size_in, size_out):
+    """(largest window, most windows holding one index) along one axis of PyTorch's adaptive pooling."""
+    starts = [(o * size_in) // size_out for o in range(size_out)]
+    ends = [-((-(o + 1) * size_in) // size_out) for o in range(size_out)]
+    fan = max(sum(s <= i < e for s, e in zip(starts, ends)) for i in range(size_in))
+    return max(e - s for s, e in zip(starts, ends)), fan
+
+
+def _cabs_check_tokens(op_name, x, h, w):
+    if x.dim() != 3 or x.shape[1] != h * w:
+        raise ValueError(f"{op_name}: expected (B, h*w = {h * w}, C) token-major input, got {tuple(x.shape)}")
+    if x.shape[0] == 0 or h <= 0 or w <= 0:
+        raise ValueError(f"{op_name}: empty input {tuple(x.shape)}")
+
+
+def _cabs_weight_grads(partial, rows, params):
+    """Finish the grouped partial sums: (groups, rows, C) -> one gradient per param, in the param's dtype."""
+    return [partial[:, row].sum(0).to(p.dtype) for row, p in zip(rows, params)]  # separate tensors, no views
+
+
+# (a) cabs_dwconv_block
+
+
+def _cabs_dwconv_block_forward(x: torch.Tensor, h: int, w: int, ln1_weight: torch.Tensor, ln1_bias: torch.Tensor, dw_weight: torch.Tensor, ln2_weight: torch.Tensor, ln2_bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    check_kernel_inputs("cabs_dwconv_block", x, ln1_weight, ln1_bias, dw_weight, ln2_weight, ln2_bias)
+    _cabs_check_tokens("cabs_dwconv_block", x, h, w)
+    B, N, C = x.shape
+    x = x.contiguous()
+    acc_dtype, ct = compute_dtype(x)
+    y = new_output((B, N, C), x.dtype, x.device)
+    se_mean = torch.zeros((B, C), dtype=acc_dtype, device=x.device)  # atomics target
+    block_t, block_c, num_warps = _cabs_tiles(N, C, live_tiles=4)
+    _cabs_ln_silu_dwconv3x3_ln_silu_sepool_fwd[(triton.cdiv(N, block_t), B)](
+        x, ln1_weight.contiguous(), ln1_bias.contiguous(), dw_weight.reshape(C, 9).contiguous(),
+        ln2_weight.contiguous(), ln2_bias.contiguous(), y, se_mean, N, h, w, C, eps,
+        BLOCK_T=block_t, BLOCK_C=block_c, CT=ct, num_warps=num_warps,
+    )
+    return y, se_mean
+
+
+def _cabs_dwconv_block_backward(grad_y: torch.Tensor, grad_se_mean: torch.Tensor, x: torch.Tensor, h: int, w: int, ln1_weight: torch.Tensor, ln1_bias: torch.Tensor, dw_weight: torch.Tensor, ln2_weight: torch.Tensor, ln2_bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_kernel_inputs("cabs_dwconv_block", x, grad_y, grad_se_mean, ln1_weight, ln1_bias, dw_weight, ln2_weight, ln2_bias)
+    B, N, C = x.shape
+    x, grad_y, grad_se_mean = x.contiguous(), grad_y.contiguous(), grad_se_mean.contiguous()
+    params = [p.contiguous() for p in (ln1_weight, ln1_bias, ln2_weight, ln2_bias)]
+    dw = dw_weight.reshape(C, 9).contiguous()
+    acc_dtype, ct = compute_dtype(x, grad_y)
+    grad_z = new_output((B, N, C), acc_dtype, x.device)  # d loss / d (depthwise conv output), kept in fp32
+    grad_x = new_output((B, N, C), x.dtype, x.device)
+    block_t, block_c, num_warps = _cabs_tiles(N, C, live_tiles=6)
+    grid = (triton.cdiv(N, block_t), B)
+    groups = weight_grad_groups(grid[0] * grid[1])
+    partial_ln2 = torch.zeros((groups, 2, C), dtype=acc_dtype, device=x.device)
+    partial_ln1_dw = torch.zeros((groups, 11, C), dtype=acc_dtype, device=x.device)
+    meta = dict(BLOCK_T=block_t, BLOCK_C=block_c, CT=ct, num_warps=num_warps)
+    _cabs_dwconv_ln_silu_sepool_bwd_to_conv_out[grid](
+        grad_y, grad_se_mean, x, params[0], params[1], dw, params[2], params[3], grad_z, partial_ln2,
+        N, h, w, C, eps, groups, **meta,
+    )
+    _cabs_ln_silu_dwconv3x3_bwd_to_input[grid](
+        grad_z, x, params[0], params[1], dw, grad_x, partial_ln1_dw, N, h, w, C, eps, groups, **meta,
+    )
+    grad_ln2_weight, grad_ln2_bias = _cabs_weight_grads(partial_ln2, (0, 1), (ln2_weight, ln2_bias))
+    grad_ln1_weight, grad_ln1_bias = _cabs_weight_grads(partial_ln1_dw, (9, 10), (ln1_weight, ln1_bias))
+    grad_dw = partial_ln1_dw[:, :9].sum(0).t().reshape(dw_weight.shape).to(dw_weight.dtype)  # (9, C) -> (C, 1, 3, 3)
+    return grad_x, grad_ln1_weight, grad_ln1_bias, grad_dw, grad_ln2_weight, grad_ln2_bias
+
+
+def _cabs_dwconv_block_fake(x, h, w, ln1_weight, ln1_bias, dw_weight, ln2_weight, ln2_bias, eps):
+    acc_dtype = torch.promote_types(x.dtype, torch.float32)
+    return torch.empty_like(x), x.new_empty((x.shape[0], x.shape[2]), dtype=acc_dtype)
+
+
+def _cabs_dwconv_block_backward_fake(grad_y, grad_se_mean, x, h, w, ln1_weight, ln1_bias, dw_weight, ln2_weight, ln2_bias, eps):
+    return tuple(torch.empty_like(t) for t in (x, ln1_weight, ln1_bias, dw_weight, ln2_weight, ln2_bias))
+
+
+def _cabs_dwconv_block_setup_context(ctx, inputs, output):
+    x, h, w, ln1_weight, ln1_bias, dw_weight, ln2_weight, ln2_bias, eps = inputs
+    ctx.save_for_backward(x, ln1_weight, ln1_bias, dw_weight, ln2_weight, ln2_bias)
+    ctx.h, ctx.w, ctx.eps = h, w, eps
+
+
+def _cabs_dwconv_block_autograd_backward(ctx, grad_y, grad_se_mean):
+    x, ln1_weight, ln1_bias, dw_weight, ln2_weight, ln2_bias = ctx.saved_tensors
+    grads = cabs_dwconv_block_backward_op(
+        grad_y, grad_se_mean, x, ctx.h, ctx.w, ln1_weight, ln1_bias, dw_weight, ln2_weight, ln2_bias, ctx.eps
+    )
+    grad_x, grad_ln1_weight, grad_ln1_bias, grad_dw, grad_ln2_weight, grad_ln2_bias = grads
+    return grad_x, None, None, grad_ln1_weight, grad_ln1_bias, grad_dw, grad_ln2_weight, grad_ln2_bias, None
+
+
+# (b) + (c): ln_residual_silu_pool and adaptive_avg_pool
+
+
+def _cabs_pool_launch(x, h, w, out_h, out_w, ln_params, eps):
+    """Forward of SiLU(LN(x) + residual) -> adaptive pool (ln_params = (weight, bias, residual)) or of the pool
+    alone (ln_params = None)."""
+    B, N, C = x.shape
+    M = out_h * out_w
+    x = x.contiguous()
+    tensors = (x,) if ln_params is None else (x, *ln_params)
+    acc_dtype, ct = compute_dtype(*tensors)
+    out_dtype = x.dtype if ln_params is None else torch.promote_types(x.dtype, ln_params[2].dtype)
+    out = new_output((B, M, C), out_dtype, x.device)
+    weight, bias, residual = (x, x, x) if ln_params is None else (p.contiguous() for p in ln_params)
+    win_h, _ = _cabs_pool_window_bounds(h, out_h)
+    win_w, _ = _cabs_pool_window_bounds(w, out_w)
+    block_t, block_c, num_warps = _cabs_tiles(M, C, live_tiles=4)
+    _cabs_ln_residual_silu_avgpool_fwd[(triton.cdiv(M, block_t), B)](
+        x, weight, bias, residual, out, h, w, out_h, out_w, C, eps,
+        LN_RESIDUAL_SILU=ln_params is not None, WIN_H=win_h, WIN_W=win_w,
+        BLOCK_T=block_t, BLOCK_C=block_c, CT=ct, num_warps=num_warps,
+    )
+    return out
+
+
+def _cabs_pool_backward_launch(grad_out, x, h, w, out_h, out_w, ln_params, eps):
+    """Backward of `_cabs_pool_launch`: grad_x, or (grad_y, grad_weight, grad_bias, grad_residual)."""
+    B, N, C = x.shape
+    grad_out, x = grad_out.contiguous(), x.contiguous()
+    tensors = (x, grad_out) if ln_params is None else (x, grad_out, *ln_params)
+    acc_dtype, ct = compute_dtype(*tensors)
+    _, fan_h = _cabs_pool_window_bounds(h, out_h)
+    _, fan_w = _cabs_pool_window_bounds(w, out_w)
+    block_t, block_c, num_warps = _cabs_tiles(N, C, live_tiles=5)
+    grid = (triton.cdiv(N, block_t), B)
+    groups = weight_grad_groups(grid[0] * grid[1])
+    grad_x = new_output((B, N, C), x.dtype, x.device)
+    if ln_params is None:
+        weight, bias, residual, grad_residual, partial = x, x, x, grad_x, grad_x  # unused by the pool-only kernel
+    else:
+        weight, bias, residual = (p.contiguous() for p in ln_params)
+        grad_residual = new_output((B, N, C), residual.dtype, x.device)
+        partial = torch.zeros((groups, 2, C), dtype=acc_dtype, device=x.device)
+    _cabs_ln_residual_silu_avgpool_bwd[grid](
+        grad_out, x, weight, bias, residual, grad_x, grad_residual, partial,
+        h, w, out_h, out_w, C, eps, groups,
+        LN_RESIDUAL_SILU=ln_params is not None, FAN_H=fan_h, FAN_W=fan_w,
+        BLOCK_T=block_t, BLOCK_C=block_c, CT=ct, num_warps=num_warps,
+    )
+    if ln_params is None:
+        return grad_x
+    grad_weight, grad_bias = _cabs_weight_grads(partial, (0, 1), ln_params[:2])
+    return grad_x, grad_weight, grad_bias, grad_residual
+
+
+def _cabs_check_ln_residual(y, weight, bias, residual, h, w, out_h, out_w):
+    check_kernel_inputs("ln_residual_silu", y, weight, bias, residual)
+    _cabs_check_tokens("ln_residual_silu", y, h, w)
+    if residual.shape != y.shape or weight.shape != (y.shape[2],) or bias.shape != (y.shape[2],):
+        raise ValueError(f"ln_residual_silu: shapes y {tuple(y.shape)}, residual {tuple(residual.shape)}, weight {tuple(weight.shape)}, bias {tuple(bias.shape)} do not match")
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(f"ln_residual_silu: pooled size must be positive, got {(out_h, out_w)}")
+
+
+def _cabs_ln_residual_silu_pool_forward(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, eps: float, h: int, w: int, out_h: int, out_w: int) -> torch.Tensor:
+    _cabs_check_ln_residual(y, weight, bias, residual, h, w, out_h, out_w)
+    return _cabs_pool_launch(y, h, w, out_h, out_w, (weight, bias, residual), eps)
+
+
+def _cabs_ln_residual_silu_pool_backward(grad_out: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, eps: float, h: int, w: int, out_h: int, out_w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _cabs_check_ln_residual(y, weight, bias, residual, h, w, out_h, out_w)
+    check_kernel_inputs("ln_residual_silu", y, grad_out)
+    return _cabs_pool_backward_launch(grad_out, y, h, w, out_h, out_w, (weight, bias, residual), eps)
+
+
+def _cabs_ln_residual_silu_pool_fake(y, weight, bias, residual, eps, h, w, out_h, out_w):
+    return y.new_empty((y.shape[0], out_h * out_w, y.shape[2]), dtype=torch.promote_types(y.dtype, residual.dtype))
+
+
+def _cabs_ln_residual_silu_pool_backward_fake(grad_out, y, weight, bias, residual, eps, h, w, out_h, out_w):
+    return torch.empty_like(y), torch.empty_like(weight), torch.empty_like(bias), torch.empty_like(residual)
+
+
+def _cabs_ln_residual_silu_pool_setup_context(ctx, inputs, output):
+    y, weight, bias, residual, eps, h, w, out_h, out_w = inputs
+    ctx.save_for_backward(y, weight, bias, residual)
+    ctx.args = (eps, h, w, out_h, out_w)
+
+
+def _cabs_ln_residual_silu_pool_autograd_backward(ctx, grad_out):
+    y, weight, bias, residual = ctx.saved_tensors
+    grads = ln_residual_silu_pool_backward_op(grad_out, y, weight, bias, residual, *ctx.args)
+    return grads[0], grads[1], grads[2], grads[3], None, None, None, None, None
+
+
+def _cabs_check_pool(x, h, w, out_h, out_w):
+    check_kernel_inputs("adaptive_avg_pool", x)
+    _cabs_check_tokens("adaptive_avg_pool", x, h, w)
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(f"adaptive_avg_pool: pooled size must be positive, got {(out_h, out_w)}")
+
+
+def _cabs_adaptive_avg_pool_forward(x: torch.Tensor, h: int, w: int, out_h: int, out_w: int) -> torch.Tensor:
+    _cabs_check_pool(x, h, w, out_h, out_w)
+    return _cabs_pool_launch(x, h, w, out_h, out_w, None, 0.0)
+
+
+def _cabs_adaptive_avg_pool_backward(grad_out: torch.Tensor, x: torch.Tensor, h: int, w: int, out_h: int, out_w: int) -> torch.Tensor:
+    _cabs_check_pool(x, h, w, out_h, out_w)
+    check_kernel_inputs("adaptive_avg_pool", x, grad_out)
+    return _cabs_pool_backward_launch(grad_out, x, h, w, out_h, out_w, None, 0.0)
+
+
+def _cabs_adaptive_avg_pool_fake(x, h, w, out_h, out_w):
+    return x.new_empty((x.shape[0], out_h * out_w, x.shape[2]))
+
+
+def _cabs_adaptive_avg_pool_backward_fake(grad_out, x, h, w, out_h, out_w):
+    return torch.empty_like(x)
+
+
+def _cabs_adaptive_avg_pool_setup_context(ctx, inputs, output):
+    x, h, w, out_h, out_w = inputs
+    ctx.save_for_backward(x)  # only its shape is read; saving it keeps the op's schema simple
+    ctx.args = (h, w, out_h, out_w)
+
+
+def _cabs_adaptive_avg_pool_autograd_backward(ctx, grad_out):
+    (x,) = ctx.saved_tensors
+    return adaptive_avg_pool_backward_op(grad_out, x, *ctx.args), None, None, None, None
+
+
+if HAS_TRITON:
+    cabs_dwconv_block_backward_op = define_custom_op(
+        "honeybee::cabs_dwconv_block_backward", _cabs_dwconv_block_backward, _cabs_dwconv_block_backward_fake
+    )
+    cabs_dwconv_block_op = define_custom_op(
+        "honeybee::cabs_dwconv_block", _cabs_dwconv_block_forward, _cabs_dwconv_block_fake,
+        _cabs_dwconv_block_autograd_backward, _cabs_dwconv_block_setup_context,
+    )
+    ln_residual_silu_pool_backward_op = define_custom_op(
+        "honeybee::ln_residual_silu_pool_backward", _cabs_ln_residual_silu_pool_backward, _cabs_ln_residual_silu_pool_backward_fake
+    )
+    ln_residual_silu_pool_op = define_custom_op(
+        "honeybee::ln_residual_silu_pool", _cabs_ln_residual_silu_pool_forward, _cabs_ln_residual_silu_pool_fake,
+        _cabs_ln_residual_silu_pool_autograd_backward, _cabs_ln_residual_silu_pool_setup_context,
+    )
+    adaptive_avg_pool_backward_op = define_custom_op(
+        "honeybee::adaptive_avg_pool_backward", _cabs_adaptive_avg_pool_backward, _cabs_adaptive_avg_pool_backward_fake
+    )
+    adaptive_avg_pool_op = define_custom_op(
+        "honeybee::adaptive_avg_pool", _cabs_adaptive_avg_pool_forward, _cabs_adaptive_avg_pool_fake,
+        _cabs_adaptive_avg_pool_autograd_backward, _cabs_adaptive_avg_pool_setup_context,
+    )
+
+
+def cabs_dwconv_block_triton(x, h, w, ln1_weight, ln1_bias, dw_weight, ln2_weight, ln2_bias, eps):
+    """Triton `cabs_dwconv_block_reference`: returns (y, se_mean), with autograd."""
+    return cabs_dwconv_block_op(x, h, w, ln1_weight, ln1_bias, dw_weight, ln2_weight, ln2_bias, eps)
+
+
+def ln_residual_silu_pool_triton(y, weight, bias, residual, eps, h, w, out_h, out_w):
+    """SiLU(LN(y) + residual) on an h x w token grid, average-pooled to out_h x out_w; with autograd."""
+    return ln_residual_silu_pool_op(y, weight, bias, residual, eps, h, w, out_h, out_w)
+
+
+def ln_residual_silu_triton(y, weight, bias, residual, eps):
+    """Triton `ln_residual_silu_reference`: the fused kernel with an identity pool (a 1 x N grid)."""
+    N = y.shape[1]
+    return ln_residual_silu_pool_op(y, weight, bias, residual, eps, 1, N, 1, N)
+
+
+def adaptive_avg_pool_triton(x, h, w, out_h, out_w):
+    """Triton `adaptive_avg_pool_reference`, with autograd."""
+    return adaptive_avg_pool_op(x, h, w, out_h, out_w)
+
 # ---- kernels/ops.py ----------------------------------------------------------------
 """The projector's kernel entry points: one dispatch rule picks the Triton kernel or the PyTorch reference.
 
 backend = "torch" always takes the reference; "triton" always takes the kernel (on CPU tensors only under
-TRITON_INTERPRET=1, set before this module is imported); "auto" takes the kernel when Triton imports and the
-tensors are on a GPU, and the reference otherwise.
+TRITON_INTERPRET=1, set before this module is imported, else it raises and says why); "auto" takes the kernel
+when Triton imports and the tensors are on a GPU, and the reference otherwise.
+
+The Triton paths are `torch.library.custom_op`s (namespace `honeybee`) with fake and autograd registrations, so
+they train and run under `torch.compile` (as opaque ops).
 """
 
 
 
+
+
+
 KERNEL_BACKENDS = ("auto", "triton", "torch")
-HAS_TRITON = False  # set by the Triton kernel modules when they import
 
 
 def use_triton(backend, *tensors):
+    """Whether the Triton kernel runs for these tensors; raises on an unknown backend or an impossible 'triton'."""
     if backend not in KERNEL_BACKENDS:
         raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
     if backend == "torch":
         return False
-    if backend == "triton":
-        raise RuntimeError("kernel_backend='triton' was asked for, but no Triton kernel is available here")
-    return False
+    if backend == "auto":
+        return HAS_TRITON and all(t.is_cuda for t in tensors)
+    for t in tensors:
+        reason = kernels_unavailable_reason(t.device)
+        if reason is not None:
+            raise RuntimeError(f"kernel_backend='triton' cannot run here: {reason}")
+    return True
 
 
 def msda(value, spatial_shapes, sampling_locations, attention_logits, backend="auto"):
-    use_triton(backend, value, sampling_locations, attention_logits)
+    if use_triton(backend, value, sampling_locations, attention_logits):
+        return msda_triton(value, spatial_shapes, sampling_locations, attention_logits)
     return msda_reference(value, spatial_shapes, sampling_locations, attention_logits)
 
 
 def cabs_dwconv_block(x, h, w, ln1_weight, ln1_bias, dw_weight, ln2_weight, ln2_bias, eps, backend="auto"):
-    use_triton(backend, x)
+    if use_triton(backend, x):
+        return cabs_dwconv_block_triton(x, h, w, ln1_weight, ln1_bias, dw_weight, ln2_weight, ln2_bias, eps)
     return cabs_dwconv_block_reference(x, h, w, ln1_weight, ln1_bias, dw_weight, ln2_weight, ln2_bias, eps)
 
 
 def ln_residual_silu(y, weight, bias, residual, eps, backend="auto"):
-    use_triton(backend, y)
+    if use_triton(backend, y):
+        return ln_residual_silu_triton(y, weight, bias, residual, eps)
     return ln_residual_silu_reference(y, weight, bias, residual, eps)
 
 
+def ln_residual_silu_pool(y, weight, bias, residual, eps, h, w, out_h, out_w, backend="auto"):
+    """`ln_residual_silu` then `adaptive_avg_pool`, fused on the Triton path (the full-resolution output is never
+    written): for the last block of the first RegStage, whose output only feeds the pool."""
+    if use_triton(backend, y):
+        return ln_residual_silu_pool_triton(y, weight, bias, residual, eps, h, w, out_h, out_w)
+    return ln_residual_silu_pool_reference(y, weight, bias, residual, eps, h, w, out_h, out_w)
+
+
 def adaptive_avg_pool(x, h, w, out_h, out_w, backend="auto"):
-    use_triton(backend, x)
+    if use_triton(backend, x):
+        return adaptive_avg_pool_triton(x, h, w, out_h, out_w)
     return adaptive_avg_pool_reference(x, h, w, out_h, out_w)

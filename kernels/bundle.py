@@ -15,7 +15,7 @@ from pathlib import Path
 KERNELS_DIR = Path(__file__).resolve().parent
 BUNDLE_PATH = KERNELS_DIR.parent / "kernels_honeybee.py"
 # dependency order: each module may use names of the ones before it
-MODULES = ["reference.py", "ops.py"]
+MODULES = ["reference.py", "common.py", "msda.py", "cabstractor.py", "ops.py"]
 _RELATIVE_IMPORT = re.compile(r"^from \.\w+ import (\([^)]*\)|.*)$", re.MULTILINE)
 
 HEADER = '''\

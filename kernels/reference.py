@@ -70,3 +70,8 @@ def adaptive_avg_pool_reference(x, h, w, out_h, out_w):
     B, N, C = x.shape
     t = x.transpose(1, 2).reshape(B, C, h, w)  # (B, C, h, w)
     return F.adaptive_avg_pool2d(t, (out_h, out_w)).flatten(2).transpose(1, 2)  # (B, M, C)
+
+
+def ln_residual_silu_pool_reference(y, weight, bias, residual, eps, h, w, out_h, out_w):
+    """`ln_residual_silu` followed by `adaptive_avg_pool`: the end of the last block before the pool, fused."""
+    return adaptive_avg_pool_reference(ln_residual_silu_reference(y, weight, bias, residual, eps), h, w, out_h, out_w)

@@ -1,0 +1,139 @@
+"""Write a Hub-ready Honeybee folder: safetensors weights, config with `auto_map` and the custom pipeline,
+processor and tokenizer files, generation config, the remote-code files, and an optional model card.
+
+Every file is written so that transformers 4.57 and 5.x both load it, whichever version runs this: the
+weights' keys do not depend on the version (modeling_honeybee.py owns the CLIP module), and the config, processor
+and tokenizer JSON are patched or written by hand where the two versions disagree. The folder appears whole or
+not at all: it is written next to its destination and renamed at the end.
+"""
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+from transformers import GenerationConfig
+
+from .tokenizer import save_tokenizer_files
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+CODE_FILES = ["configuration_honeybee.py", "modeling_honeybee.py", "processing_honeybee.py", "kernels_honeybee.py"]
+MODEL_CLASS = "modeling_honeybee.HoneybeeForConditionalGeneration"
+AUTO_MAP = {
+    "AutoConfig": "configuration_honeybee.HoneybeeConfig",
+    "AutoModel": MODEL_CLASS,
+    "AutoModelForVision2Seq": MODEL_CLASS,  # transformers 4.x; 5.x ignores it
+    "AutoModelForImageTextToText": MODEL_CLASS,
+    "AutoProcessor": "processing_honeybee.HoneybeeProcessor",
+}
+# Both versions consult custom_pipelines before their own tasks; "pt" must name classes that exist in both.
+CUSTOM_PIPELINES = {
+    "image-to-text": {
+        "impl": "processing_honeybee.HoneybeeImageToTextPipeline",
+        "pt": ["AutoModelForImageTextToText"],
+        "tf": [],
+        "type": "multimodal",
+    }
+}
+
+
+def _patch_json(path, update):
+    data = json.loads(path.read_text())
+    update(data)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _version_neutral_config(config):
+    config["auto_map"] = AUTO_MAP
+    config["custom_pipelines"] = CUSTOM_PIPELINES
+    config["architectures"] = ["HoneybeeForConditionalGeneration"]
+    if "dtype" in config:  # transformers 5 writes `dtype`, 4.x reads `torch_dtype`
+        config["torch_dtype"] = config["dtype"]
+    text = config["text_config"]
+    rope = text.get("rope_parameters") or {}
+    if "rope_theta" not in text and "rope_theta" in rope:  # 5.x moved it; 4.x would fall back to 1e4
+        text["rope_theta"] = rope["rope_theta"]
+
+
+def generation_config_for(config, max_new_tokens=256):
+    """Greedy decoding, as the official evaluation; `<image>` can never be generated."""
+    text = config.text_config
+    return GenerationConfig(
+        bos_token_id=text.bos_token_id,
+        eos_token_id=text.eos_token_id,
+        pad_token_id=text.pad_token_id if text.pad_token_id is not None else 0,
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        suppress_tokens=[config.image_token_id],
+    )
+
+
+def _save_processor(processor, out_dir):
+    image_processor = processor.image_processor
+    image_config = {
+        "image_processor_type": "CLIPImageProcessor",
+        "processor_class": "HoneybeeProcessor",
+        "do_resize": True,
+        "size": dict(image_processor.size),
+        "resample": int(image_processor.resample),
+        "do_center_crop": False,
+        "do_rescale": True,
+        "rescale_factor": image_processor.rescale_factor,
+        "do_normalize": True,
+        "image_mean": list(image_processor.image_mean),
+        "image_std": list(image_processor.image_std),
+        "do_convert_rgb": True,
+    }
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(image_config, indent=2) + "\n")
+    processor_config = {
+        "processor_class": "HoneybeeProcessor",
+        "auto_map": {"AutoProcessor": AUTO_MAP["AutoProcessor"]},
+        "num_query_tokens": processor.num_query_tokens,
+        "num_eos_tokens": processor.num_eos_tokens,
+        "image_token": processor.image_token,
+    }
+    (out_dir / "processor_config.json").write_text(json.dumps(processor_config, indent=2) + "\n")
+    (out_dir / "chat_template.jinja").write_text(processor.chat_template)
+    save_tokenizer_files(processor.tokenizer.backend_tokenizer, out_dir, processor.tokenizer.model_max_length)
+    _patch_json(out_dir / "tokenizer_config.json", lambda c: c.update(processor_class="HoneybeeProcessor"))
+
+
+def save_hub_folder(model, processor, out_dir, max_shard_size="5GB", model_card=None, force=False):
+    """Write `model` and `processor` to `out_dir` as a Hub repo that loads with `trust_remote_code=True`."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise FileExistsError(f"{out_dir} exists; pass force=True (--force) to replace it")
+    if processor.num_visual_tokens != model.config.num_visual_tokens:
+        raise ValueError(
+            f"the processor writes {processor.num_visual_tokens} placeholders per image but the model expects "
+            f"{model.config.num_visual_tokens}"
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        staging.mkdir()
+        model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
+        _patch_json(staging / "config.json", _version_neutral_config)
+        generation_config_for(model.config).save_pretrained(staging)
+        _save_processor(processor, staging)
+        for name in CODE_FILES:
+            shutil.copyfile(PACKAGE_DIR / name, staging / name)
+        if model_card is not None:
+            (staging / "README.md").write_text(model_card)
+        _replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _replace_dir(new, target):
+    """Move `new` to `target`; an existing `target` is removed only once `new` is in place."""
+    if not target.exists():
+        new.rename(target)
+        return
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old)

@@ -1,0 +1,99 @@
+"""Tokenizer files for a Hub folder that load the same on transformers 4.57 and 5.x.
+
+The official Honeybee uses Vicuna's sentencepiece `tokenizer.model` through the slow, legacy `LlamaTokenizer`. The
+fast `tokenizer.json` is built here from the sentencepiece model directly: transformers 4 and 5 convert it with
+different merge orders (different ids for some words), and 5.x writes a `tokenizer_config.json` that 4.x cannot
+read. `tokenizer_config.json` is therefore written by hand, with only keys both versions understand.
+"""
+
+import json
+from pathlib import Path
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+IMAGE_TOKEN = "<image>"
+SPECIALS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>"}
+
+
+def _merges(vocab, scores):
+    """BPE merges of a sentencepiece BPE model: every split of a piece into two pieces, best-scored first."""
+    merges = []
+    for piece, score in scores.items():
+        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+        merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
+
+
+def tokenizer_from_sentencepiece(model_path):
+    """A `tokenizers.Tokenizer` equal to sentencepiece's legacy Llama tokenisation of `model_path`."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    for name, token in SPECIALS.items():
+        if vocab.get(token) != getattr(sp, f"{name}_id")():
+            raise ValueError(f"{model_path} is not a Llama sentencepiece model: {token} is not its {name} token")
+    scores = {sp.id_to_piece(i): sp.get_score(i) for i in range(sp.get_piece_size())}
+    bpe = models.BPE(vocab=vocab, merges=_merges(vocab, scores), unk_token="<unk>", fuse_unk=True, byte_fallback=True)
+    tokenizer = Tokenizer(bpe)
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIALS.values()])
+    return tokenizer
+
+
+def load_backend(source):
+    """`source`: a sentencepiece `tokenizer.model`, or a folder holding one or a `tokenizer.json`."""
+    source = Path(source)
+    if source.is_dir():
+        if (source / "tokenizer.model").exists():
+            return tokenizer_from_sentencepiece(source / "tokenizer.model")
+        if (source / "tokenizer.json").exists():
+            return Tokenizer.from_file(str(source / "tokenizer.json"))
+        raise FileNotFoundError(f"{source} holds neither tokenizer.model nor tokenizer.json")
+    if not source.exists():
+        raise FileNotFoundError(f"tokenizer {source} does not exist")
+    return tokenizer_from_sentencepiece(source)
+
+
+def save_tokenizer_files(backend, out_dir, model_max_length=4096):
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json; returns the `<image>` id.
+
+    `backend` is a `tokenizers.Tokenizer` (`load_backend`, or a loaded tokenizer's `backend_tokenizer`). `<image>`
+    is appended as a special token unless present (id = the base vocabulary size); pad is `<unk>`, as the
+    official code pads; padding is on the left, for batched generation.
+    """
+    out_dir = Path(out_dir)
+    backend = Tokenizer.from_str(backend.to_str())  # a copy: the front end is reset below
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = None
+    backend.add_special_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)])
+    backend.save(str(out_dir / "tokenizer.json"))
+    added = {
+        str(backend.token_to_id(t)): {
+            "content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True,
+        }
+        for t in [*SPECIALS.values(), IMAGE_TOKEN]
+    }
+    config = {
+        "tokenizer_class": "LlamaTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "<unk>",
+        "additional_special_tokens": [IMAGE_TOKEN],
+        "added_tokens_decoder": added,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": True,
+        "padding_side": "left",
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>", "additional_special_tokens": [IMAGE_TOKEN]}
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    return backend.token_to_id(IMAGE_TOKEN)
