@@ -420,6 +420,21 @@ class HoneybeePreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             module.weight.fill_(1.0)
             module.bias.zero_()
+        elif isinstance(module, HoneybeeMultiscaleDeformableAttention):
+            # Deformable DETR's init (children are initialised first): head h starts sampling along direction
+            # 2πh/nh, point p at distance p+1; uniform attention; xavier value/output projections.
+            nh, P = module.num_heads, module.num_points
+            theta = torch.arange(nh, dtype=torch.float32) * (2 * math.pi / nh)
+            direction = torch.stack([theta.cos(), theta.sin()], -1)
+            direction = direction / direction.abs().max(-1, keepdim=True).values  # (nh, 2)
+            grid = direction[:, None, :] * torch.arange(1, P + 1, dtype=torch.float32)[None, :, None]  # (nh, P, 2)
+            module.sampling_offsets.weight.zero_()
+            module.sampling_offsets.bias.copy_(grid.flatten())
+            module.attention_weights.weight.zero_()
+            module.attention_weights.bias.zero_()
+            for linear in (module.value_proj, module.output_proj):
+                nn.init.xavier_uniform_(linear.weight)
+                linear.bias.zero_()
         elif isinstance(module, HoneybeeVisionEmbeddings):
             module.class_embedding.normal_(0.0, std)
         elif isinstance(module, (HoneybeeCAbstractor, HoneybeeDAbstractor)):
@@ -450,10 +465,11 @@ class HoneybeeForConditionalGeneration(HoneybeePreTrainedModel, GenerationMixin)
         self.vision_model = HoneybeeVisionModel(vc)
         self.abstractor = PROJECTOR_CLASSES[pc.projector_type](pc, config.vision_grid**2, vc.hidden_size, config.text_config.hidden_size)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
-        if pc.projector_type == "d-abs":
-            # The official D-Abstractor always ran in fp32; half-precision loads (dtype=...) keep it there.
-            self._keep_in_fp32_modules = ["abstractor"]
         self.post_init()
+        if pc.projector_type == "d-abs":
+            # The official D-Abstractor always ran in fp32: half-precision loads (dtype=...) keep it there.
+            # Set after post_init, which resets this attribute from the class on transformers 4 and 5.
+            self._keep_in_fp32_modules_strict = {"abstractor"}
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()

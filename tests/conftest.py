@@ -10,3 +10,45 @@ if "TRITON_INTERPRET" not in os.environ:
             os.environ["TRITON_INTERPRET"] = "1"
     except ImportError:
         pass
+
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+_folder_ids = itertools.count()
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    """Factory: save a tiny random Honeybee as a Hub folder with a unique basename (transformers 4.x caches
+    remote code by folder basename) and return (folder, in-memory model, processor)."""
+    from honeybee_hf.export.tiny import save_tiny_hub_folder
+
+    def make(projector_type="c-abs", seed=0, **projector):
+        folder = tmp_path / f"hb_{projector_type.replace('-', '')}_{seed}_{next(_folder_ids)}_{tmp_path.name[-12:]}"
+        model, processor = save_tiny_hub_folder(folder, projector_type, seed=seed, **projector)
+        return folder, model, processor
+
+    return make
+
+
+def other_python():
+    """The interpreter of the other transformers version's test environment, or None."""
+    import transformers
+
+    other = "tf5" if transformers.__version__.startswith("4.") else "tf4"
+    python = REPO / ".venvs" / other / "bin" / "python"
+    return python if python.exists() else None
+
+
+def run_script(python, *args, env=None):
+    result = subprocess.run([str(python), *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+    if result.returncode != 0:
+        raise AssertionError(f"{python} {args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result

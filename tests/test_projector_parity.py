@@ -19,6 +19,13 @@ from honeybee_hf.modeling_honeybee import HoneybeeCAbstractor, HoneybeeDAbstract
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
 ATOL = 1e-5
+# dabs_m144_small (6 layers, random weights) is ill-conditioned in fp32: a 1e-7 relative change of its input moves
+# the output by ~1.5e-4, and the same math in fp64 and fp32 differs by ~1.9e-4. Its official tensors were made
+# on an AVX2 CPU: transformers' DeformableDetrDecoderLayer reproduces them bit for bit only when run with
+# ATEN_CPU_CAPABILITY=avx2, and is 1.1e-4 off on AVX-512; our SDPA self-attention is 1.1e-4 to 1.9e-4 off on
+# default/AVX2/AVX-512. Layer 0 still meets ATOL; deeper layers get this fp32 noise floor instead (a wrong
+# equation would be off by O(1)).
+ATOL_ILL_CONDITIONED = {"dabs_m144_small": 5e-4}
 _CONFIG_FIELDS = set(inspect.signature(HoneybeeProjectorConfig.__init__).parameters) - {"self", "kwargs"}
 
 
@@ -118,10 +125,11 @@ def test_dabs_matches_official(name):
     layers = {f"layer{i}": layer for i, layer in enumerate(model.layers)}
     weights = {"layer0_weights": model.layers[0].encoder_attn.attention_weights}
     out, seen = run_with_hooks(model, t["input"], {**layers, **weights})
+    deep_atol = ATOL_ILL_CONDITIONED.get(name, ATOL)
     checked = 0
-    for key in layers:
+    for i, key in enumerate(layers):
         if f"intermediate.{key}" in t:
-            assert max_diff(seen[key], t[f"intermediate.{key}"]) <= ATOL, key
+            assert max_diff(seen[key], t[f"intermediate.{key}"]) <= (ATOL if i == 0 else deep_atol), key
             checked += 1
     assert checked >= 2
     B, M, nh, L, P = t["intermediate.layer0_cross_attn_weights"].shape
@@ -131,7 +139,7 @@ def test_dabs_matches_official(name):
         values = model.input_proj[0](t["input"]) + model.v_pos_emb
         pooled, _ = model.pooled_queries(values)  # pooled_v_target "query": the pooled map is the query position
     assert max_diff(pooled, token_major(t["intermediate.pooled"])) <= ATOL
-    assert max_diff(out, t["output"]) <= ATOL
+    assert max_diff(out, t["output"]) <= deep_atol
 
 
 def test_dabs_tiny_has_input_proj():

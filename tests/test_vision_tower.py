@@ -1,0 +1,55 @@
+"""Our vendored CLIP tower against transformers' own `CLIPVisionModel`, an independent reference."""
+
+import pytest
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from honeybee_hf.modeling_honeybee import HoneybeeVisionModel
+
+ATOL = 1e-5
+
+
+def tiny_clip_config(attn_implementation):
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,  # 4x4 patches
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    )
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def to_ours(reference_state_dict):
+    """transformers 4 keeps the inner `vision_model.` of CLIPVisionModel in its keys; transformers 5 drops it."""
+    return {k if k.startswith("vision_model.") else f"vision_model.{k}": v for k, v in reference_state_dict.items()}
+
+
+@pytest.fixture(scope="module")
+def weights():
+    torch.manual_seed(0)
+    reference = CLIPVisionModel(tiny_clip_config("eager"))
+    # Random everything (LayerNorms and biases included), large enough that no layer is close to the identity.
+    return {k: torch.randn_like(v) * (0.2 if v.dim() > 1 else 0.5) for k, v in reference.state_dict().items()}
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_matches_transformers_clip(weights, attn_implementation):
+    reference = CLIPVisionModel(tiny_clip_config(attn_implementation)).eval()
+    reference.load_state_dict(weights, strict=True)
+    assert reference.config._attn_implementation == attn_implementation
+    ours = HoneybeeVisionModel(tiny_clip_config(attn_implementation)).eval()
+    ours.load_state_dict(to_ours(weights), strict=True)
+
+    pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        hidden_states = reference(pixel_values, output_hidden_states=True).hidden_states  # embeddings + 3 layers
+        for k in (-1, -2, 0):
+            got = ours(pixel_values, feature_layer_index=k)
+            want = hidden_states[k][:, 1:]
+            assert got.shape == (2, 16, 32)
+            assert (got - want).abs().max().item() <= ATOL, k
