@@ -52,9 +52,14 @@ CHAT_TEMPLATE = (
 )
 
 
+# transformers 5 names its torchvision-backed processor `CLIPImageProcessor` whenever torchvision is installed; its
+# bicubic resize differs slightly from PIL's, which the official pipeline (and so the model's training) used.
+PilCLIPImageProcessor = getattr(transformers, "CLIPImageProcessorPil", CLIPImageProcessor)
+
+
 def honeybee_image_processor(image_size=224):
-    """CLIP normalisation after the official squash resize: bicubic to image_size×image_size, no crop."""
-    return CLIPImageProcessor(
+    """CLIP normalisation after the official squash resize: PIL bicubic to image_size×image_size, no crop."""
+    return PilCLIPImageProcessor(
         do_resize=True,
         size={"height": image_size, "width": image_size},
         resample=3,  # PIL bicubic, as torchvision's Resize in the official pipeline
@@ -76,6 +81,8 @@ def load_rgb_image(image):
         try:
             image = Image.open(source)
             image.load()
+        except FileNotFoundError as error:
+            raise ValueError(f"image file {name} does not exist") from error
         except Image.DecompressionBombError as error:
             raise ValueError(f"image {name} is too large to decode safely ({error}); downscale it first") from error
         except (OSError, SyntaxError) as error:
@@ -133,6 +140,8 @@ class HoneybeeProcessor(ProcessorMixin):
         self.num_query_tokens = num_query_tokens
         self.num_eos_tokens = num_eos_tokens
         self.image_token = image_token
+        if image_processor is not None and not isinstance(image_processor, PilCLIPImageProcessor):
+            image_processor = PilCLIPImageProcessor(**image_processor.to_dict())  # keep the official PIL resize
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
 
     @property
@@ -208,7 +217,11 @@ class HoneybeeProcessor(ProcessorMixin):
         if images and all(isinstance(x, (list, tuple)) for x in images):
             if len(images) != len(texts):
                 raise ValueError(f"got {len(images)} lists of images for {len(texts)} texts; give one list per text")
-            return [list(x) for x in images]
+            return [[x for x in sub if x is not None] for sub in images]
+        if any(x is None for x in images):  # the official call style: None = no image for this text
+            if len(images) != len(texts):
+                raise ValueError(f"got {len(images)} images (None = no image) for {len(texts)} texts; give one per text")
+            return [[] if x is None else [x] for x in images]
         counts = [t.count(self.image_token) for t in texts]
         if all(not self._is_bare_question(t) for t in texts):
             if sum(counts) != len(images):
@@ -230,7 +243,8 @@ class HoneybeeProcessor(ProcessorMixin):
     def __call__(self, images=None, text=None, audio=None, videos=None, **kwargs):
         """`text`: a prompt or a list of prompts (see the class docstring); `images`: an image, a list, or one list
         per prompt. Options: `return_tensors`, `padding` (True/"longest" or "max_length"), `max_length`,
-        `truncation`, `padding_side`, `add_special_tokens`, and `return_labels` (the official training labels).
+        `truncation`, `padding_side`, `add_special_tokens`, and `return_labels` (the official training labels;
+        without them a prompt's final `</s>` is dropped, as the official inference does).
         """
         # Pipelines of transformers 4 and 5 pass options flat or grouped per modality.
         for group in ("text_kwargs", "images_kwargs", "common_kwargs", "processor_kwargs"):
@@ -257,6 +271,11 @@ class HoneybeeProcessor(ProcessorMixin):
             prompts.append(prompt)
         add_bos = kwargs.pop("add_special_tokens", True) is not False
         encoded = [self.encode_prompt(p, add_bos=add_bos) for p in prompts]
+        if not kwargs.get("return_labels"):
+            # As the official inference processor (no_eos=True): a prompt that ends with an answer is left open,
+            # so that generation continues it; answers inside the prompt keep their `</s>`.
+            eos = self.tokenizer.eos_token_id
+            encoded = [(ids[:-1], mask[:-1]) if ids and ids[-1] == eos else (ids, mask) for ids, mask in encoded]
         features = self._pad(encoded, **kwargs)
         flat = [img for imgs in per_text for img in imgs]
         if flat:
@@ -265,7 +284,10 @@ class HoneybeeProcessor(ProcessorMixin):
 
     def _pixel_values(self, images):
         rgb = [load_rgb_image(x) for x in images]
-        return {"pixel_values": self.image_processor(rgb, return_tensors="pt")["pixel_values"]}
+        # Explicit layout: transformers 4 guesses it from the array and takes (H, W, 3) for channels-first when H is
+        # 1 or 3 (a 3-pixel-high image came out scrambled, a 1-pixel-high one raised).
+        pixels = self.image_processor(rgb, return_tensors="pt", input_data_format="channels_last")
+        return {"pixel_values": pixels["pixel_values"]}
 
     def _pad(self, encoded, padding=True, max_length=None, truncation=None, padding_side=None, return_labels=False, **_):
         tok = self.tokenizer
