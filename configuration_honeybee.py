@@ -180,7 +180,11 @@ class HoneybeeConfig(PretrainedConfig):
     """
 
     model_type = "honeybee"
-    sub_configs = {"vision_config": CLIPVisionConfig, "projector_config": HoneybeeProjectorConfig, "text_config": AutoConfig}
+    sub_configs = {
+        "vision_config": CLIPVisionConfig,
+        "projector_config": HoneybeeProjectorConfig,
+        "text_config": AutoConfig,
+    }
 
     def __init__(
         self,

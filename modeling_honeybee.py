@@ -72,13 +72,18 @@ class HoneybeeVisionAttention(nn.Module):
 
     def forward(self, x):
         B, T, C = x.shape
-        q, k, v = (proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))  # (B, nh, T, hd)
+        q, k, v = (
+            proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )  # (B, nh, T, hd)
         implementation = self.config._attn_implementation or "sdpa"
         if implementation == "eager":
             attn = (q @ k.transpose(-1, -2) * self.scale).softmax(-1)  # (B, nh, T, T)
             out = (attn @ v).transpose(1, 2)  # (B, T, nh, hd)
         else:
-            out, _ = ALL_ATTENTION_FUNCTIONS[implementation](self, q, k, v, None, dropout=0.0, scaling=self.scale, is_causal=False)
+            out, _ = ALL_ATTENTION_FUNCTIONS[implementation](
+                self, q, k, v, None, dropout=0.0, scaling=self.scale, is_causal=False
+            )
         return self.out_proj(out.reshape(B, T, C))
 
 
@@ -136,7 +141,9 @@ class HoneybeeVisionModel(nn.Module):
 
     def forward(self, pixel_values, feature_layer_index=-1):
         tower = self.vision_model
-        num_layers = len(tower.encoder.layers) + 1 + feature_layer_index if feature_layer_index < 0 else feature_layer_index
+        num_layers = (
+            len(tower.encoder.layers) + 1 + feature_layer_index if feature_layer_index < 0 else feature_layer_index
+        )
         x = tower.pre_layrnorm(tower.embeddings(pixel_values))  # (B, 1+N, Cv): hidden_states[0]
         for layer in tower.encoder.layers[:num_layers]:  # layers past the chosen one are never run
             x = layer(x)
@@ -156,7 +163,9 @@ class HoneybeeConvNormAct(nn.Module):
 
     def __init__(self, in_channels, out_channels, kernel_size=1, groups=1):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, groups=groups, bias=False)
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, padding=kernel_size // 2, groups=groups, bias=False
+        )
         self.bn = nn.LayerNorm(out_channels, eps=1e-5)
 
     def linear(self, x):
@@ -195,9 +204,22 @@ class HoneybeeBottleneck(GradientCheckpointingLayer):
         if self.downsample is not None:
             shortcut = self.downsample.bn(self.downsample.linear(x))
         c1, c2, c3 = self.conv1, self.conv2, self.conv3
-        y, mean = cabs_dwconv_block(c1.linear(x), h, w, c1.bn.weight, c1.bn.bias, c2.conv.weight, c2.bn.weight, c2.bn.bias, c1.bn.eps, backend=self.kernel_backend)
+        y, mean = cabs_dwconv_block(
+            c1.linear(x),
+            h,
+            w,
+            c1.bn.weight,
+            c1.bn.bias,
+            c2.conv.weight,
+            c2.bn.weight,
+            c2.bn.bias,
+            c1.bn.eps,
+            backend=self.kernel_backend,
+        )
         y = y * self.se(mean.to(y.dtype))[:, None]  # channel gates broadcast over tokens
-        return ln_residual_silu(c3.linear(y), c3.bn.weight, c3.bn.bias, shortcut, c3.bn.eps, backend=self.kernel_backend)
+        return ln_residual_silu(
+            c3.linear(y), c3.bn.weight, c3.bn.bias, shortcut, c3.bn.eps, backend=self.kernel_backend
+        )
 
 
 class HoneybeeRegStage(nn.Module):
@@ -206,7 +228,9 @@ class HoneybeeRegStage(nn.Module):
     def __init__(self, depth, in_channels, out_channels, kernel_backend):
         super().__init__()
         for i in range(depth):
-            self.add_module(f"b{i + 1}", HoneybeeBottleneck(in_channels if i == 0 else out_channels, out_channels, kernel_backend))
+            self.add_module(
+                f"b{i + 1}", HoneybeeBottleneck(in_channels if i == 0 else out_channels, out_channels, kernel_backend)
+            )
 
     def forward(self, x, h, w):
         for block in self.children():
@@ -248,7 +272,9 @@ class HoneybeeCAbstractor(nn.Module):
         self.pos_emb = nn.Parameter(torch.zeros(1, num_input_tokens, Cv)) if config.pos_emb else None
         pool = HoneybeeAdaptivePool(math.isqrt(config.num_query_tokens), backend)
         if config.depth > 0:
-            self.net = nn.ModuleList([HoneybeeRegStage(config.depth, Cv, Ch, backend), pool, HoneybeeRegStage(config.depth, Ch, Ch, backend)])
+            self.net = nn.ModuleList(
+                [HoneybeeRegStage(config.depth, Cv, Ch, backend), pool, HoneybeeRegStage(config.depth, Ch, Ch, backend)]
+            )
         else:
             self.net = nn.ModuleList([pool])
         self.readout = _readout_mlp(Ch if config.depth > 0 else Cv, D, config.mlp_depth)
@@ -322,7 +348,9 @@ class HoneybeeDeformableDecoderLayer(GradientCheckpointingLayer):
         self.dropout, self.activation_dropout = config.dropout, config.activation_dropout
         self.self_attn = HoneybeeSelfAttention(C, config.decoder_attention_heads, config.attention_dropout)
         self.self_attn_layer_norm = nn.LayerNorm(C)
-        self.encoder_attn = HoneybeeMultiscaleDeformableAttention(C, config.decoder_attention_heads, config.decoder_n_points, config.kernel_backend)
+        self.encoder_attn = HoneybeeMultiscaleDeformableAttention(
+            C, config.decoder_attention_heads, config.decoder_n_points, config.kernel_backend
+        )
         self.encoder_attn_layer_norm = nn.LayerNorm(C)
         self.fc1 = nn.Linear(C, config.decoder_ffn_dim)
         self.fc2 = nn.Linear(config.decoder_ffn_dim, C)
@@ -332,7 +360,9 @@ class HoneybeeDeformableDecoderLayer(GradientCheckpointingLayer):
     def forward(self, x, pos, reference_points, values, grid):  # (B, M, C)
         drop = lambda t, p: F.dropout(t, p, self.training)
         x = self.self_attn_layer_norm(x + drop(self.self_attn(x, pos), self.dropout))
-        x = self.encoder_attn_layer_norm(x + drop(self.encoder_attn(x + pos, reference_points, values, grid), self.dropout))
+        x = self.encoder_attn_layer_norm(
+            x + drop(self.encoder_attn(x + pos, reference_points, values, grid), self.dropout)
+        )
         y = self.fc2(drop(self.activation_fn(self.fc1(x)), self.activation_dropout))
         return self.final_layer_norm(x + drop(y, self.dropout))
 
@@ -356,7 +386,9 @@ class HoneybeeDAbstractor(nn.Module):
         C, M = config.d_model, config.num_query_tokens
         self.grid = math.isqrt(num_input_tokens)
         self.pooled_v_target, self.kernel_backend = config.pooled_v_target, config.kernel_backend
-        self.input_proj = nn.ModuleList([nn.Linear(encoder_hidden_size, C) if encoder_hidden_size != C else nn.Identity()])
+        self.input_proj = nn.ModuleList(
+            [nn.Linear(encoder_hidden_size, C) if encoder_hidden_size != C else nn.Identity()]
+        )
         self.v_pos_emb = nn.Parameter(torch.zeros(1, num_input_tokens, C)) if config.pos_emb else None
         # "none": the learned embedding holds both the query position (first half) and the target (second half)
         self.query_position_embeddings = nn.Embedding(M, C if config.pooled_v_target != "none" else 2 * C)
@@ -401,7 +433,12 @@ class HoneybeePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"  # no such attribute: the model is its own base
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["HoneybeeVisionEncoderLayer", "HoneybeeCAbstractor", "HoneybeeDAbstractor", "LlamaDecoderLayer"]
+    _no_split_modules = [
+        "HoneybeeVisionEncoderLayer",
+        "HoneybeeCAbstractor",
+        "HoneybeeDAbstractor",
+        "LlamaDecoderLayer",
+    ]
     _skip_keys_device_placement = "past_key_values"
     _supports_sdpa = True
     _supports_flash_attn = True  # transformers 5
@@ -463,7 +500,9 @@ class HoneybeeForConditionalGeneration(HoneybeePreTrainedModel, GenerationMixin)
         super().__init__(config)
         vc, pc = config.vision_config, config.projector_config
         self.vision_model = HoneybeeVisionModel(vc)
-        self.abstractor = PROJECTOR_CLASSES[pc.projector_type](pc, config.vision_grid**2, vc.hidden_size, config.text_config.hidden_size)
+        self.abstractor = PROJECTOR_CLASSES[pc.projector_type](
+            pc, config.vision_grid**2, vc.hidden_size, config.text_config.hidden_size
+        )
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
         if pc.projector_type == "d-abs":
@@ -510,7 +549,9 @@ class HoneybeeForConditionalGeneration(HoneybeePreTrainedModel, GenerationMixin)
             )
         features = self.get_image_features(pixel_values)  # (n_img, M, D)
         features = features.reshape(-1, features.shape[-1]).to(inputs_embeds.dtype)  # (n_img*M, D)
-        return inputs_embeds.masked_scatter(slots[..., None].expand_as(inputs_embeds), features), features.view(images, M, -1)
+        return inputs_embeds.masked_scatter(slots[..., None].expand_as(inputs_embeds), features), features.view(
+            images, M, -1
+        )
 
     def forward(
         self,

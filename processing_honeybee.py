@@ -177,7 +177,7 @@ class HoneybeeProcessor(ProcessorMixin):
         tok = self.tokenizer
         image_ids = [self.image_token_id] * self.num_visual_tokens
         if prompt.startswith(NO_PROMPT):  # the official pre-training format
-            caption = self._chunk_tokenizer().encode(prompt[len(NO_PROMPT):], add_special_tokens=False).ids
+            caption = self._chunk_tokenizer().encode(prompt[len(NO_PROMPT) :], add_special_tokens=False).ids
             ids = image_ids + caption + [tok.eos_token_id]
             mask = [0] * len(image_ids) + [1] * (len(caption) + 1)
         else:
@@ -220,7 +220,9 @@ class HoneybeeProcessor(ProcessorMixin):
             return [[x for x in sub if x is not None] for sub in images]
         if any(x is None for x in images):  # the official call style: None = no image for this text
             if len(images) != len(texts):
-                raise ValueError(f"got {len(images)} images (None = no image) for {len(texts)} texts; give one per text")
+                raise ValueError(
+                    f"got {len(images)} images (None = no image) for {len(texts)} texts; give one per text"
+                )
             return [[] if x is None else [x] for x in images]
         counts = [t.count(self.image_token) for t in texts]
         if all(not self._is_bare_question(t) for t in texts):
@@ -289,7 +291,9 @@ class HoneybeeProcessor(ProcessorMixin):
         pixels = self.image_processor(rgb, return_tensors="pt", input_data_format="channels_last")
         return {"pixel_values": pixels["pixel_values"]}
 
-    def _pad(self, encoded, padding=True, max_length=None, truncation=None, padding_side=None, return_labels=False, **_):
+    def _pad(
+        self, encoded, padding=True, max_length=None, truncation=None, padding_side=None, return_labels=False, **_
+    ):
         tok = self.tokenizer
         side = padding_side or tok.padding_side
         if truncation and max_length is not None:
@@ -340,7 +344,9 @@ class HoneybeeImageToTextPipeline(Pipeline):
     _load_feature_extractor = False
     _pipeline_calls_generate = True
 
-    def _sanitize_parameters(self, prompt=None, text=None, max_new_tokens=None, generate_kwargs=None, timeout=None, **kwargs):
+    def _sanitize_parameters(
+        self, prompt=None, text=None, max_new_tokens=None, generate_kwargs=None, timeout=None, **kwargs
+    ):
         preprocess = {"prompt": prompt if prompt is not None else text}
         generate = dict(generate_kwargs or {})
         if max_new_tokens is not None:

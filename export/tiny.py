@@ -34,12 +34,28 @@ def tiny_config(projector_type="c-abs", **projector):
         **projector,
     }
     return HoneybeeConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=4),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=4,
+        ),
         projector_config=projector,
         text_config=dict(
-            model_type="llama", vocab_size=TOY_VOCAB + 1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-            bos_token_id=1, eos_token_id=2, pad_token_id=0,
+            model_type="llama",
+            vocab_size=TOY_VOCAB + 1,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
         ),
         image_token_id=TOY_VOCAB,
     )
@@ -51,8 +67,10 @@ def tiny_processor(config):
         tokenizer = AutoTokenizer.from_pretrained(folder)
     pc = config.projector_config
     return HoneybeeProcessor(
-        honeybee_image_processor(config.vision_config.image_size), tokenizer,
-        num_query_tokens=pc.num_query_tokens, num_eos_tokens=pc.num_eos_tokens,
+        honeybee_image_processor(config.vision_config.image_size),
+        tokenizer,
+        num_query_tokens=pc.num_query_tokens,
+        num_eos_tokens=pc.num_eos_tokens,
     )
 
 

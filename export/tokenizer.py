@@ -19,7 +19,9 @@ def _merges(vocab, scores):
     """BPE merges of a sentencepiece BPE model: every split of a piece into two pieces, best-scored first."""
     merges = []
     for piece, score in scores.items():
-        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+        local = [
+            (piece[:i], piece[i:], score) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab
+        ]
         merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [(left, right) for left, right, _ in merges]
@@ -40,7 +42,9 @@ def tokenizer_from_sentencepiece(model_path):
     tokenizer.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
     tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIALS.values()])
     return tokenizer
 
@@ -74,7 +78,12 @@ def save_tokenizer_files(backend, out_dir, model_max_length=4096):
     backend.save(str(out_dir / "tokenizer.json"))
     added = {
         str(backend.token_to_id(t)): {
-            "content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True,
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
         }
         for t in [*SPECIALS.values(), IMAGE_TOKEN]
     }
@@ -94,6 +103,12 @@ def save_tokenizer_files(backend, out_dir, model_max_length=4096):
         "model_max_length": model_max_length,
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>", "additional_special_tokens": [IMAGE_TOKEN]}
+    specials = {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "<unk>",
+        "additional_special_tokens": [IMAGE_TOKEN],
+    }
     (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
     return backend.token_to_id(IMAGE_TOKEN)

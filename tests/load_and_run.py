@@ -52,7 +52,12 @@ def run(model, processor):
     with torch.no_grad():
         logits = model(**inputs).logits
         tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    return {"input_ids": inputs["input_ids"], "pixel_values": inputs["pixel_values"], "logits": logits, "tokens": tokens}
+    return {
+        "input_ids": inputs["input_ids"],
+        "pixel_values": inputs["pixel_values"],
+        "logits": logits,
+        "tokens": tokens,
+    }
 
 
 if __name__ == "__main__":

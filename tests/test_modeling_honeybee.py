@@ -20,7 +20,7 @@ from honeybee_hf.configuration_honeybee import HoneybeeConfig, HoneybeeProjector
 from honeybee_hf.export.tiny import tiny_config, tiny_model, tiny_processor
 
 sys.path.insert(0, str(TESTS))
-from load_and_run import load, run  # noqa: E402
+from load_and_run import load  # noqa: E402
 
 TF4 = transformers.__version__.startswith("4.")
 PHOTOS = sorted((REPO / "assets" / "images").glob("*.jpeg"))
@@ -70,7 +70,12 @@ def test_offline_hub_cache_snapshot_loads(tiny_folder, tmp_path):
 def test_logits_and_loss_against_manual_computation():
     config = tiny_config("c-abs")
     model, processor = tiny_model(config), tiny_processor(config)
-    inputs = processor(images=photo(), text=TRAINING_PROMPT.format(q="What is in the image?", a="A man."), return_tensors="pt", return_labels=True)
+    inputs = processor(
+        images=photo(),
+        text=TRAINING_PROMPT.format(q="What is in the image?", a="A man."),
+        return_tensors="pt",
+        return_labels=True,
+    )
     out = model(**inputs)
     # independent reference: embed, overwrite the placeholders with get_image_features, run the bare LM
     embeds = model.get_input_embeddings()(inputs["input_ids"]).clone()
@@ -94,7 +99,9 @@ def test_greedy_generation_with_cache_equals_recomputing_everything(projector_ty
     for _ in range(8):  # reference: a full forward over the whole sequence for every token
         with torch.no_grad():
             logits = model(input_ids=ids, pixel_values=inputs["pixel_values"]).logits
-        next_id = logits[:, -1].masked_fill(torch.arange(logits.shape[-1]) == config.image_token_id, -math.inf).argmax(-1)
+        next_id = (
+            logits[:, -1].masked_fill(torch.arange(logits.shape[-1]) == config.image_token_id, -math.inf).argmax(-1)
+        )
         ids = torch.cat([ids, next_id[:, None]], dim=1)
         if next_id.item() == config.text_config.eos_token_id:
             break
@@ -109,10 +116,10 @@ def test_left_padded_batch_equals_each_sample_alone(projector_type):
     images = [photo(0), photo(2)]
     batch = processor(images=images, text=texts, return_tensors="pt")
     assert batch["attention_mask"][0, 0] == 0, "the shorter prompt must be left-padded"
-    generated = model.generate(**batch, max_new_tokens=6, do_sample=False)[:, batch["input_ids"].shape[1]:]
+    generated = model.generate(**batch, max_new_tokens=6, do_sample=False)[:, batch["input_ids"].shape[1] :]
     for i in range(2):
         alone = processor(images=images[i], text=texts[i], return_tensors="pt")
-        expected = model.generate(**alone, max_new_tokens=6, do_sample=False)[:, alone["input_ids"].shape[1]:]
+        expected = model.generate(**alone, max_new_tokens=6, do_sample=False)[:, alone["input_ids"].shape[1] :]
         n = expected.shape[1]
         assert generated[i, :n].tolist() == expected[0].tolist()
 
@@ -142,7 +149,9 @@ def test_several_images_per_prompt_and_text_only_prompts():
 def test_gradient_checkpointing_gives_the_same_gradients(projector_type):
     config = tiny_config(projector_type)
     processor = tiny_processor(config)
-    inputs = processor(images=photo(), text=TRAINING_PROMPT.format(q="Q?", a="An answer."), return_tensors="pt", return_labels=True)
+    inputs = processor(
+        images=photo(), text=TRAINING_PROMPT.format(q="Q?", a="An answer."), return_tensors="pt", return_labels=True
+    )
     grads = []
     for checkpointing in (False, True):
         model = tiny_model(config, seed=4).train()  # train mode: the D-Abstractor's dropout is live
@@ -195,7 +204,9 @@ def test_wrong_inputs_get_clear_errors():
     config = tiny_config("c-abs")
     model, processor = tiny_model(config), tiny_processor(config)
     one = processor(images=photo(), text="What is in the image?", return_tensors="pt")
-    two_placeholders = processor(images=[photo(), photo()], text="X\nHuman: <image>\nHuman: <image>\nAI: ", return_tensors="pt")
+    two_placeholders = processor(
+        images=[photo(), photo()], text="X\nHuman: <image>\nHuman: <image>\nAI: ", return_tensors="pt"
+    )
     with pytest.raises(ValueError, match=r"18 image placeholder tokens \(2 images of 9 tokens\) but 1 images"):
         model(input_ids=two_placeholders["input_ids"], pixel_values=one["pixel_values"])
     with pytest.raises(ValueError, match=r"9 image placeholder tokens \(1 images of 9 tokens\) but 2 images"):

@@ -11,7 +11,7 @@ PHOTOS = sorted((REPO / "assets" / "images").glob("*.jpeg"))
 
 def direct_answer(model, processor, image, text, max_new_tokens):
     inputs = processor(images=image, text=text, return_tensors="pt")
-    new = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    new = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[:, inputs["input_ids"].shape[1] :]
     return processor.batch_decode(new, skip_special_tokens=True)[0]
 
 
@@ -38,6 +38,8 @@ def test_image_text_to_text_with_text_and_with_chat_messages(tiny_folder):
     expected = direct_answer(model, processor, image, "What is this?", 6)
     out = pipe(images=image, text="What is this?", max_new_tokens=6, return_full_text=False)
     assert out[0]["generated_text"] == expected
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is this?"}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is this?"}]}
+    ]
     chat = pipe(text=messages, max_new_tokens=6)
     assert chat[0]["generated_text"][-1] == {"role": "assistant", "content": expected}
