@@ -7,6 +7,7 @@ and tokenizer JSON are patched or written by hand where the two versions disagre
 not at all: it is written next to its destination and renamed at the end.
 """
 
+import contextlib
 import json
 import shutil
 import uuid
@@ -69,7 +70,7 @@ def generation_config_for(config, max_new_tokens=256):
     )
 
 
-def _save_processor(processor, out_dir):
+def _save_processor(processor, out_dir, tokenizer_backend=None):
     image_processor = processor.image_processor
     image_config = {
         "image_processor_type": "CLIPImageProcessor",
@@ -95,36 +96,77 @@ def _save_processor(processor, out_dir):
     }
     (out_dir / "processor_config.json").write_text(json.dumps(processor_config, indent=2) + "\n")
     (out_dir / "chat_template.jinja").write_text(processor.chat_template)
-    save_tokenizer_files(processor.tokenizer.backend_tokenizer, out_dir, processor.tokenizer.model_max_length)
+    backend = tokenizer_backend if tokenizer_backend is not None else processor.tokenizer.backend_tokenizer
+    image_token_id = save_tokenizer_files(backend, out_dir, processor.tokenizer.model_max_length)
     _patch_json(out_dir / "tokenizer_config.json", lambda c: c.update(processor_class="HoneybeeProcessor"))
+    return image_token_id
+
+
+def write_support_files(config, processor, folder, model_card=None, tokenizer_backend=None):
+    """Everything of a Hub folder but the weights, into `folder`, which already holds `config.json`: patches it
+    (auto_map, custom pipeline, keys both versions read), then writes generation_config.json (greedy), the processor
+    and tokenizer files, the remote-code files and, if given, the model card `README.md`.
+
+    `tokenizer_backend`: the `tokenizers.Tokenizer` to write as tokenizer.json (default: the processor's). The
+    converter passes the one it built from sentencepiece: transformers 5 rebuilds a loaded Llama tokenizer's
+    pipeline, and writing the original keeps tokenizer.json the same whichever version converts."""
+    folder = Path(folder)
+    if processor.num_visual_tokens != config.num_visual_tokens:
+        raise ValueError(
+            f"the processor writes {processor.num_visual_tokens} placeholders per image but the model expects "
+            f"{config.num_visual_tokens}"
+        )
+    _patch_json(folder / "config.json", _version_neutral_config)
+    generation_config_for(config).save_pretrained(folder)
+    # Written out even where they are the defaults (transformers 4 drops those): greedy, as the official evaluation.
+    _patch_json(folder / "generation_config.json", lambda c: c.update(do_sample=False, num_beams=1))
+    image_token_id = _save_processor(processor, folder, tokenizer_backend)
+    if image_token_id != config.image_token_id:
+        raise ValueError(
+            f"the tokenizer puts <image> at id {image_token_id} but the model's image_token_id is "
+            f"{config.image_token_id}"
+        )
+    for name in CODE_FILES:
+        shutil.copyfile(PACKAGE_DIR / name, folder / name)
+    if model_card is not None:
+        (folder / "README.md").write_text(model_card)
+
+
+def refuse_existing(out_dir, force):
+    if Path(out_dir).exists() and not force:
+        raise FileExistsError(f"{out_dir} exists; pass force=True (--force) to replace it")
+
+
+@contextlib.contextmanager
+def staging_folder(out_dir, force=False):
+    """An empty folder next to `out_dir` to write into. When the block ends normally it replaces `out_dir`; when
+    it raises (or is interrupted) it is deleted, and `out_dir`, new or existing, is never touched."""
+    out_dir = Path(out_dir)
+    refuse_existing(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+        refuse_existing(out_dir, force)  # someone may have created it meanwhile
+        _replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def save_hub_folder(model, processor, out_dir, max_shard_size="5GB", model_card=None, force=False):
     """Write `model` and `processor` to `out_dir` as a Hub repo that loads with `trust_remote_code=True`."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise FileExistsError(f"{out_dir} exists; pass force=True (--force) to replace it")
+    refuse_existing(out_dir, force)
     if processor.num_visual_tokens != model.config.num_visual_tokens:
         raise ValueError(
             f"the processor writes {processor.num_visual_tokens} placeholders per image but the model expects "
             f"{model.config.num_visual_tokens}"
         )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
-        staging.mkdir()
+    with staging_folder(out_dir, force) as staging:
         model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
-        _patch_json(staging / "config.json", _version_neutral_config)
-        generation_config_for(model.config).save_pretrained(staging)
-        _save_processor(processor, staging)
-        for name in CODE_FILES:
-            shutil.copyfile(PACKAGE_DIR / name, staging / name)
-        if model_card is not None:
-            (staging / "README.md").write_text(model_card)
-        _replace_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        write_support_files(model.config, processor, staging, model_card)
     return out_dir
 
 
@@ -136,4 +178,7 @@ def _replace_dir(new, target):
     old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
     target.rename(old)
     new.rename(target)
-    shutil.rmtree(old)
+    if old.is_dir():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
