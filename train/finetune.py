@@ -1,0 +1,481 @@
+"""`honeybee-finetune`: fine-tune a converted Honeybee with transformers' `Trainer`, the way the paper trained it.
+
+    honeybee-finetune --model ./honeybee-c7b --data train.jsonl --output_dir runs/lora            # stage 2, LoRA
+    honeybee-finetune --model ./honeybee-c7b --data train.jsonl --output_dir runs/pt --stage projector
+    torchrun --nproc_per_node 8 -m honeybee_hf.train.finetune --model ... --bf16 --gradient_checkpointing
+    accelerate launch --config_file "$(honeybee-finetune config fsdp)" -m honeybee_hf.train.finetune ...
+    honeybee-finetune merge --model ./honeybee-c7b --adapter runs/lora/adapter --output ./honeybee-c7b-mine
+
+Stages: `projector` trains the abstractor only (paper stage 1); `lora` trains LoRA adapters on the language
+model's attention and MLP projections plus a full copy of the abstractor (paper stage 2, with LoRA instead of full
+LLM training); `full` trains the language model and the abstractor. The CLIP tower is always frozen.
+
+Every `TrainingArguments` option is a flag too (`--learning_rate`, `--num_train_epochs`, `--save_steps`,
+`--bf16`, `--gradient_checkpointing`, `--fsdp`, `--deepspeed`, ...); `--deepspeed zero2` names the shipped ZeRO-2
+json, and `honeybee-finetune config {ddp,fsdp,zero2,ds_zero2}` prints a shipped config's path. The learning rate
+defaults per stage (projector 1e-3, lora 2e-4, full 2e-5). A run started again with the same `--output_dir`
+resumes from its last complete checkpoint (`--resume never` starts afresh).
+
+Outputs in `--output_dir`: `adapter/` (stage lora: `adapter_config.json` + `adapter_model.safetensors`, for
+`PeftModel.from_pretrained(base, path)`), or `model/` (stages projector and full: a Hub-ready folder), plus
+`checkpoint-*/`, `trainer_state.json` and `bad_samples.jsonl` when some samples were skipped.
+"""
+
+import dataclasses
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+from ..export.hub import _save_processor, save_hub_folder
+from ..processing_honeybee import SYSTEM_PROMPT
+from .data import BadSampleError, HoneybeeCollator, HoneybeeConversationDataset
+
+logger = logging.getLogger("honeybee_hf.train")
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIGS = {
+    "ddp": "accelerate_ddp.yaml",
+    "fsdp": "accelerate_fsdp.yaml",
+    "zero2": "accelerate_zero2.yaml",
+    "ds_zero2": "ds_zero2.json",
+}
+DEEPSPEED_CONFIGS = {"ds_zero2": "ds_zero2", "zero2": "ds_zero2"}  # `--deepspeed NAME` shortcuts
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+DEFAULT_LEARNING_RATE = {"projector": 1e-3, "lora": 2e-4, "full": 2e-5}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _arg(default=dataclasses.MISSING, help=""):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class FinetuneArguments:
+    model: str = _arg(help="A converted Honeybee: a Hub-ready folder (or Hub repo id), loaded with trust_remote_code.")
+    data: list[str] = _arg(help="Training data: LLaVA-style conversation JSONL (or JSON array) files.")
+    stage: Literal["projector", "lora", "full"] = _arg(
+        "lora", "projector: the abstractor (paper stage 1); lora: LoRA on the LLM + abstractor; full: LLM + abstractor."
+    )
+    image_root: Optional[str] = _arg(None, "Folder that relative image paths start from (default: each data file's).")
+    bad_samples: Literal["skip", "error"] = _arg("skip", "Bad samples are reported (file:line), then skipped or fatal.")
+    verify_images: bool = _arg(True, "Open every image's header at start-up: broken files show before training.")
+    max_length: int = _arg(1024, "Tokens per sample, <s> and image placeholders included (official fine-tuning: 1024).")
+    system_prompt: str = _arg(SYSTEM_PROMPT, "Text ahead of the first turn.")
+    lora_r: int = _arg(16, "LoRA rank.")
+    lora_alpha: int = _arg(32, "LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = _arg(0.05, "LoRA dropout.")
+    lora_target: str = _arg(
+        LORA_TARGETS, "Comma-separated projection names (language model only), or a full regex for target_modules."
+    )
+    lora_modules_to_save: str = _arg(
+        "abstractor", "Modules trained in full and stored in the adapter (comma-separated; 'none': frozen projector)."
+    )
+    load_in_4bit: bool = _arg(False, "QLoRA: the language model in 4-bit NF4 (bitsandbytes, CUDA only; stage lora).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _arg(
+        "auto",
+        "Weights' dtype at load. auto: stage lora with --bf16/--fp16 loads the frozen base in that dtype, otherwise "
+        "float32 (mixed precision keeps float32 masters).",
+    )
+    attn_implementation: Optional[str] = _arg(None, "eager, sdpa or flash_attention_2 (default: the model's).")
+    resume: str = _arg(
+        "auto", "auto: continue from the last complete checkpoint in --output_dir, if any; never; or a checkpoint path."
+    )
+    merge_to: Optional[str] = _arg(None, "Stage lora: also write base + adapter, merged, as a Hub-ready folder here.")
+
+
+def config_path(name):
+    """Path of a shipped launcher config: ddp, fsdp, zero2 (accelerate yaml) or ds_zero2 (DeepSpeed json)."""
+    if name not in CONFIGS:
+        raise ValueError(f"unknown config {name!r}; choose from {', '.join(CONFIGS)}")
+    return CONFIG_DIR / CONFIGS[name]
+
+
+def lora_target_regex(spec):
+    """`q_proj,v_proj` -> a regex on the language model's modules only (a plain list would also hit CLIP)."""
+    if any(c in spec for c in "*\\|()[]^$"):
+        return spec
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    return r".*language_model.*\.(" + "|".join(map(re.escape, names)) + ")"
+
+
+def lora_config(args):
+    from peft import LoraConfig
+
+    to_save = [m.strip() for m in args.lora_modules_to_save.split(",") if m.strip() and m.strip().lower() != "none"]
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=lora_target_regex(args.lora_target),
+        modules_to_save=to_save or None,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _load_dtype(args, training_args):
+    if args.dtype != "auto":
+        return _DTYPES[args.dtype]
+    if args.stage == "lora" and training_args.bf16:
+        return torch.bfloat16
+    if args.stage == "lora" and training_args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def check_qlora(args):
+    """QLoRA needs stage lora, a CUDA GPU and bitsandbytes; say which is missing before anything is loaded."""
+    if args.stage != "lora":
+        raise ValueError("--load_in_4bit (QLoRA) only works with --stage lora: 4-bit weights cannot be trained")
+    if not torch.cuda.is_available():
+        raise RuntimeError("--load_in_4bit (QLoRA) needs a CUDA GPU; bitsandbytes' 4-bit training does not run here")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise RuntimeError("--load_in_4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes") from error
+
+
+def load_model(args, training_args):
+    kwargs = {"trust_remote_code": True, "dtype": _load_dtype(args, training_args)}
+    if args.attn_implementation:
+        kwargs["attn_implementation"] = args.attn_implementation
+    if args.load_in_4bit:
+        check_qlora(args)
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if training_args.bf16 else torch.float16
+        kwargs["dtype"] = compute
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+            llm_int8_skip_modules=["vision_model", "abstractor", "lm_head"],  # only the LLM's linear layers
+        )
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return AutoModelForImageTextToText.from_pretrained(args.model, **kwargs)
+
+
+def prepare_model(model, args, training_args=None):
+    """Freeze what the stage does not train; wrap in PEFT for stage lora. Returns the model to train."""
+    model.requires_grad_(False)
+    if args.stage == "projector":
+        model.abstractor.requires_grad_(True)
+        return model
+    if args.stage == "full":
+        model.abstractor.requires_grad_(True)
+        model.language_model.requires_grad_(True)
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if args.load_in_4bit:
+        checkpointing = bool(training_args is not None and _checkpointing_on(training_args))
+        model = prepare_model_for_kbit_training(model, checkpointing, {"use_reentrant": False})
+    model = get_peft_model(model, lora_config(args))
+    for param in model.parameters():  # LoRA weights and the abstractor copy train in float32 (mixed precision)
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
+
+
+def _checkpointing_on(training_args):
+    return bool(getattr(training_args, "activation_checkpointing", None) or training_args.gradient_checkpointing)
+
+
+def _sharded_parameters(training_args):
+    """FSDP or ZeRO-3: every rank must run every module in every step."""
+    if training_args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return True
+    plugin = getattr(training_args, "deepspeed_plugin", None)
+    return plugin is not None and getattr(plugin, "zero_stage", 0) == 3
+
+
+class HoneybeeTrainer(Trainer):
+    """`Trainer` that also logs samples/s between logging steps, and trains without a KV cache."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        inputs["use_cache"] = False
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # transformers 4.57 loads the optimizer state onto `args.device` in distributed runs; under torchrun on CPUs
+        # that is "cpu:<rank>", which torch.load cannot restore. 5.x loads onto plain "cpu"; do the same here.
+        device = self.args.device
+        cached = "_setup_devices" in vars(self.args)
+        if checkpoint is None or device.type != "cpu" or device.index is None or not cached:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        vars(self.args)["_setup_devices"] = torch.device("cpu")  # the cached value behind `args.device`
+        try:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        finally:
+            vars(self.args)["_setup_devices"] = device
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs:
+            now, step = time.perf_counter(), self.state.global_step
+            last = getattr(self, "_throughput_mark", None)
+            if last is not None and step > last[1] and now > last[0]:
+                per_step = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+                logs["samples_per_second"] = round((step - last[1]) * per_step / (now - last[0]), 3)
+            self._throughput_mark = (now, step)
+        super().log(logs, *args, **kwargs)
+
+
+def _checkpoint_complete(path, world_size):
+    if not (path / "trainer_state.json").is_file():
+        return False
+    if world_size > 1:
+        return all((path / f"rng_state_{rank}.pth").is_file() for rank in range(world_size))
+    return True
+
+
+def resolve_checkpoint(resume, output_dir, world_size=1):
+    """The checkpoint to resume from: `resume` is auto, never or a path; auto skips half-written checkpoints."""
+    if resume in ("never", "no", "none", "false"):
+        return None
+    if resume not in ("auto", "last"):
+        if not os.path.isdir(resume):
+            raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder")
+        return resume
+    candidates = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    for path in sorted(candidates, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        if _checkpoint_complete(path, world_size):
+            return str(path)
+        logger.warning("%s is incomplete (interrupted while saving?); trying an older checkpoint", path)
+    return None
+
+
+def _rewrite_argv(argv):
+    """Version-neutral flags: `--gradient_checkpointing` is a deprecated alias on transformers 5; `--deepspeed
+    ds_zero2` names a shipped config."""
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    out = []
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if "activation_checkpointing" in names and flag in ("--gradient_checkpointing", "--gradient-checkpointing"):
+            arg = "--activation_checkpointing" + eq + value
+        previous = argv[i - 1] if i else ""
+        if previous == "--deepspeed" and arg in DEEPSPEED_CONFIGS:
+            arg = str(config_path(DEEPSPEED_CONFIGS[arg]))
+        elif flag == "--deepspeed" and eq and value in DEEPSPEED_CONFIGS:
+            arg = f"--deepspeed={config_path(DEEPSPEED_CONFIGS[value])}"
+        out.append(arg)
+    return out
+
+
+def _has_accelerator():
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
+def _given(argv, name):
+    flags = {f"--{name}", f"--{name.replace('_', '-')}"}
+    return any(a.partition("=")[0] in flags for a in argv)
+
+
+def parse_args(argv):
+    argv = _rewrite_argv(list(argv))
+    parser = HfArgumentParser((FinetuneArguments, TrainingArguments), prog="honeybee-finetune")
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    defaults = {
+        "remove_unused_columns": False,  # the collator needs the raw sample dicts
+        "report_to": "none",
+        "logging_steps": 10,
+        "logging_first_step": True,
+        "save_steps": 500,
+        "save_total_limit": 3,
+        "label_names": ["labels"],
+        "dataloader_pin_memory": torch.cuda.is_available(),
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        "activation_checkpointing_kwargs": {"use_reentrant": False},
+    }
+    if not _has_accelerator():
+        # What happens anyway without a GPU, said explicitly: torchrun on CPUs then runs DDP over gloo (accelerate's
+        # MULTI_CPU needs cpu=True), and --bf16 runs with CPU autocast instead of being refused.
+        defaults["use_cpu"] = True
+    parser.set_defaults(**{k: v for k, v in defaults.items() if k in names})
+    args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if not _given(argv, "output_dir"):
+        parser.error("--output_dir is required")
+    if args.merge_to and args.stage != "lora":
+        parser.error("--merge_to merges a LoRA adapter: it needs --stage lora (the other stages write a full model)")
+    if args.load_in_4bit:
+        check_qlora(args)
+    if not _given(argv, "learning_rate"):
+        training_args.learning_rate = DEFAULT_LEARNING_RATE[args.stage]
+    training_args.remove_unused_columns = False
+    return args, training_args
+
+
+def _setup_logging(training_args):
+    level = logging.INFO if training_args.process_index == 0 else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, stream=sys.stderr)
+    logging.getLogger("honeybee_hf").setLevel(level)
+
+
+def _trainable_summary(model):
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"{trainable:,} trainable parameters of {total:,} ({100 * trainable / max(total, 1):.3f}%)"
+
+
+def save_full_model(trainer, processor, out_dir):
+    """Stages projector/full: the trained model as a Hub-ready folder (gathered first under FSDP/DeepSpeed)."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        staging = Path(trainer.args.output_dir) / ".gathered-model"
+        trainer.save_model(str(staging))  # collective: every rank takes part
+        if trainer.is_world_process_zero():
+            model = AutoModelForImageTextToText.from_pretrained(staging, trust_remote_code=True, dtype="auto")
+    if trainer.is_world_process_zero():
+        save_hub_folder(model, processor, out_dir, force=True)
+        if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+            shutil.rmtree(Path(trainer.args.output_dir) / ".gathered-model", ignore_errors=True)
+
+
+def merge_adapter(base, adapter, out_dir, dtype="auto", force=False):
+    """Base + LoRA adapter -> merged weights -> a Hub-ready folder (export/hub.py). Returns the merged model."""
+    from peft import PeftModel
+
+    dtype = _DTYPES.get(dtype, dtype)
+    model = AutoModelForImageTextToText.from_pretrained(base, trust_remote_code=True, dtype=dtype)
+    processor = AutoProcessor.from_pretrained(base, trust_remote_code=True)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    save_hub_folder(merged, processor, out_dir, force=force)
+    return merged
+
+
+def run(argv=None, callbacks=None):
+    """Parse `argv` (default: sys.argv[1:]), train, save; returns the `Trainer`."""
+    # TrainingArguments exports settings to os.environ (ACCELERATE_MIXED_PRECISION, FSDP_*...), where a later run in
+    # the same process (a notebook, a test) would pick them up: undo that when this run ends.
+    environ = dict(os.environ)
+    try:
+        return _run(sys.argv[1:] if argv is None else list(argv), callbacks)
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+def _run(argv, callbacks):
+    args, training_args = parse_args(argv)
+    _setup_logging(training_args)
+    set_seed(training_args.seed)
+    output_dir = Path(training_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    dataset = HoneybeeConversationDataset(
+        args.data,
+        processor,
+        image_root=args.image_root,
+        max_length=args.max_length,
+        bad_samples=args.bad_samples,
+        system_prompt=args.system_prompt,
+        verify_images=args.verify_images,
+        report_path=output_dir / "bad_samples.jsonl",
+    )
+    logger.info("%d training samples from %s", len(dataset), ", ".join(args.data))
+    if dataset.has_text_only_samples:
+        if _sharded_parameters(training_args):
+            raise ValueError(
+                "the data mixes in text-only samples, but FSDP / ZeRO-3 need every rank to run the vision tower and "
+                "projector in every step (a rank whose batch has no image would stall the others); use DDP or "
+                "ZeRO-2, or give every sample an image"
+            )
+        if training_args.ddp_find_unused_parameters is None:
+            # A batch without images leaves the projector unused on that rank; DDP must be told.
+            training_args.ddp_find_unused_parameters = True
+
+    model = prepare_model(load_model(args, training_args), args, training_args)
+    logger.info("stage %s: %s", args.stage, _trainable_summary(model))
+
+    trainer = HoneybeeTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=HoneybeeCollator(processor.tokenizer.pad_token_id),
+        processing_class=processor,
+        callbacks=callbacks,
+    )
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is None:
+        checkpoint = resolve_checkpoint(args.resume, output_dir, training_args.world_size)
+    if checkpoint:
+        logger.info("resuming from %s", checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_state()
+
+    if args.stage == "lora":
+        where = output_dir / "adapter"
+        trainer.save_model(str(where))
+        if trainer.is_world_process_zero():
+            _save_processor(processor, where)  # the files transformers 5 writes do not load in 4.x
+    else:
+        save_full_model(trainer, processor, output_dir / "model")
+        where = output_dir / "model"
+    trainer.accelerator.wait_for_everyone()
+    if args.merge_to and args.stage == "lora":
+        if trainer.is_world_process_zero():
+            merge_adapter(args.model, where, args.merge_to, force=True)
+            logger.info("merged model written to %s", args.merge_to)
+        trainer.accelerator.wait_for_everyone()
+    bad = dataset.report.count + dataset.runtime_report.count
+    if bad:
+        logger.warning("%d bad sample(s) were skipped; see %s", bad, output_dir / "bad_samples.jsonl")
+    logger.info("done: %s", where)
+    return trainer
+
+
+def merge_main(argv):
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="honeybee-finetune merge", description="Merge a LoRA adapter into its base and write a Hub-ready folder."
+    )
+    parser.add_argument("--model", required=True, help="the base model the adapter was trained on")
+    parser.add_argument("--adapter", required=True, help="the adapter folder (output_dir/adapter)")
+    parser.add_argument("--output", required=True, help="where to write the merged Hub-ready folder")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES], help="dtype of the merged weights")
+    parser.add_argument("--force", action="store_true", help="replace --output if it exists")
+    args = parser.parse_args(argv)
+    merge_adapter(args.model, args.adapter, args.output, dtype=args.dtype, force=args.force)
+    print(args.output)
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "merge":
+        return merge_main(argv[1:])
+    if argv and argv[0] == "config":
+        if len(argv) != 2 or argv[1] not in CONFIGS:
+            print(f"usage: honeybee-finetune config {{{','.join(CONFIGS)}}}", file=sys.stderr)
+            return 2
+        print(config_path(argv[1]))
+        return 0
+    try:
+        run(argv)
+    except BadSampleError as error:  # --bad_samples error: say where, without a traceback
+        logger.error("bad sample %s; fix it, or pass --bad_samples skip to leave such samples out", error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
