@@ -216,6 +216,8 @@ class HoneybeeConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         # Vicuna's lm_head is its own matrix; the generic default (True) would tie it to the embeddings.
         kwargs.setdefault("tie_word_embeddings", getattr(text_config, "tie_word_embeddings", False))
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # what Trainer and generate look up here
+            kwargs.setdefault(name, getattr(text_config, name, None))
         super().__init__(**kwargs)
         self.validate()
 

@@ -70,7 +70,7 @@ def generation_config_for(config, max_new_tokens=256):
     )
 
 
-def _save_processor(processor, out_dir, tokenizer_backend=None):
+def save_processor_files(processor, out_dir, tokenizer_backend=None):
     image_processor = processor.image_processor
     image_config = {
         "image_processor_type": "CLIPImageProcessor",
@@ -120,7 +120,7 @@ def write_support_files(config, processor, folder, model_card=None, tokenizer_ba
     generation_config_for(config).save_pretrained(folder)
     # Written out even where they are the defaults (transformers 4 drops those): greedy, as the official evaluation.
     _patch_json(folder / "generation_config.json", lambda c: c.update(do_sample=False, num_beams=1))
-    image_token_id = _save_processor(processor, folder, tokenizer_backend)
+    image_token_id = save_processor_files(processor, folder, tokenizer_backend)
     if image_token_id != config.image_token_id:
         raise ValueError(
             f"the tokenizer puts <image> at id {image_token_id} but the model's image_token_id is "
