@@ -12,13 +12,28 @@ stay `F.linear` GEMMs outside these kernels. What is fused (each is one kernel f
   the pool-only variant (no LN) is `adaptive_avg_pool`.
 
 Math is fp32 for fp16/bf16/fp32 inputs and fp64 for fp64 inputs (`CT`); every load is upcast right away.
-Backward recomputes the normalisations from the saved inputs. Weight gradients are per-program partial sums,
-atomically added into a small (groups, C) fp32 buffer and summed at the end.
+Backward recomputes the normalisations from the saved inputs. Per-channel reductions over tokens (SE mean,
+weight gradients) are per-program partial rows with plain stores, finished by a `.sum`: no atomics anywhere,
+so every result is deterministic.
 """
+
+import functools
+import itertools
 
 import torch
 
-from .common import HAS_TRITON, KERNELS_INTERPRETED, check_kernel_inputs, compute_dtype, define_custom_op, new_output, next_pow2, tl, triton, weight_grad_groups
+from .common import (
+    HAS_TRITON,
+    KERNELS_INTERPRETED,
+    check_kernel_inputs,
+    compute_dtype,
+    define_custom_op,
+    new_output,
+    next_pow2,
+    sm_count,
+    tl,
+    triton,
+)
 
 # A token's channels must fit one register tile ([BLOCK_T, next_pow2(C)]): LayerNorm needs the whole row.
 CABS_MAX_CHANNELS = 16384
@@ -29,12 +44,12 @@ CABS_MAX_CHANNELS = 16384
 
 @triton.jit
 def _cabs_layer_norm(x, weight, bias, c_mask, C, eps):
-    """Row LayerNorm of a [BLOCK_T, BLOCK_C] tile whose padding columns hold 0. Returns (out, xhat, rstd)."""
+    """Row LayerNorm of a [BLOCK_T, BLOCK_C] tile whose padding columns hold 0. Returns (out, xhat, mean, rstd)."""
     mean = tl.sum(x, axis=1) / C
     diff = tl.where(c_mask[None, :], x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / C + eps)
     xhat = diff * rstd[:, None]
-    return xhat * weight[None, :] + bias[None, :], xhat, rstd
+    return xhat * weight[None, :] + bias[None, :], xhat, mean, rstd
 
 
 @triton.jit
@@ -70,12 +85,6 @@ def _cabs_store_rows(PTR, b, tokens, row_mask, N, c, c_mask, C, value):
 
 
 @triton.jit
-def _cabs_add_partial(PARTIAL, group, row: tl.constexpr, ROWS: tl.constexpr, c, c_mask, C, value):
-    """Atomically add a [BLOCK_C] partial sum into row `row` of group `group` of a (groups, ROWS, C) buffer."""
-    tl.atomic_add(PARTIAL + (group * ROWS + row) * C + c, value, mask=c_mask)
-
-
-@triton.jit
 def _cabs_neighbour(r, col, dy: tl.constexpr, dx: tl.constexpr, t_mask, h, w):
     """Token at (r + dy, col + dx), clamped into the image, and whether it is inside (zero padding otherwise)."""
     nr = r + dy
@@ -89,13 +98,31 @@ def _cabs_neighbour(r, col, dy: tl.constexpr, dx: tl.constexpr, t_mask, h, w):
 def _cabs_ln1_silu_at(X, b, token, inside, N, c, c_mask, C, w1, b1, eps, CT: tl.constexpr):
     """SiLU(LN1(x)) at the given tokens, zero outside the image: the depthwise conv's zero-padded input."""
     x = _cabs_load_rows(X, b, token, inside, N, c, c_mask, C, CT)
-    u, xhat, rstd = _cabs_layer_norm(x, w1, b1, c_mask, C, eps)
+    u, _, _, _ = _cabs_layer_norm(x, w1, b1, c_mask, C, eps)
     return tl.where(inside[:, None], u * tl.sigmoid(u), 0.0)
 
 
 @triton.jit
-def _cabs_dwconv3x3_of_ln1_silu(X, DW, b, r, col, t_mask, h, w, N, c, c_mask, C, w1, b1, eps,
-                                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, CT: tl.constexpr):
+def _cabs_dwconv3x3_of_ln1_silu(
+    X,
+    DW,
+    b,
+    r,
+    col,
+    t_mask,
+    h,
+    w,
+    N,
+    c,
+    c_mask,
+    C,
+    w1,
+    b1,
+    eps,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    CT: tl.constexpr,
+):
     """z = depthwise3x3(SiLU(LN1(x))) for a tile of tokens: [BLOCK_T, BLOCK_C]."""
     z = tl.zeros((BLOCK_T, BLOCK_C), dtype=CT)
     for tap in tl.static_range(9):
@@ -106,115 +133,239 @@ def _cabs_dwconv3x3_of_ln1_silu(X, DW, b, r, col, t_mask, h, w, N, c, c_mask, C,
 
 
 # ---- kernel (a): LN1+SiLU -> depthwise 3x3 -> LN2+SiLU -> SE mean -------------------------------------------
+#
+# Forward and backward part 1 loop over TILES token tiles of one image per program, so that their per-channel
+# reductions (SE sum, LN2 weight gradients) are written once per program as a partial row: plain stores into a
+# small (programs, rows, C) buffer that a `.sum` finishes. No atomics: deterministic, and the number of partial
+# rows is bounded by the launch size, not by B*N.
+
+
+@triton.jit
+def _cabs_token_tile(tile, N, w, BLOCK_T: tl.constexpr):
+    """Tokens of one tile of an image, clamped into [0, N), their mask, row and column."""
+    t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = t < N
+    t = tl.minimum(t, N - 1)
+    return t, t_mask, t // w, t % w
 
 
 @triton.jit
 def _cabs_ln_silu_dwconv3x3_ln_silu_sepool_fwd(
-    X, LN1_W, LN1_B, DW, LN2_W, LN2_B, Y, SE_MEAN,
-    N, h, w, C, eps,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, CT: tl.constexpr,
+    X,
+    LN1_W,
+    LN1_B,
+    DW,
+    LN2_W,
+    LN2_B,
+    Y,
+    SE_PARTIAL,
+    N,
+    h,
+    w,
+    C,
+    eps,
+    TILES,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    CT: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
+    """y = SiLU(LN2(dw3x3(SiLU(LN1(x))))) for TILES token tiles of image b; SE_PARTIAL[b, pid] = sum of y / N."""
+    pid = tl.program_id(0)
     b = tl.program_id(1)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_mask = t < N
-    t = tl.minimum(t, N - 1)
-    r = t // w
-    col = t % w
     c = tl.arange(0, BLOCK_C)
     c_mask = c < C
     w1 = tl.load(LN1_W + c, mask=c_mask, other=0.0).to(CT)
     b1 = tl.load(LN1_B + c, mask=c_mask, other=0.0).to(CT)
     w2 = tl.load(LN2_W + c, mask=c_mask, other=0.0).to(CT)
     b2 = tl.load(LN2_B + c, mask=c_mask, other=0.0).to(CT)
-
-    z = _cabs_dwconv3x3_of_ln1_silu(X, DW, b, r, col, t_mask, h, w, N, c, c_mask, C, w1, b1, eps, BLOCK_T, BLOCK_C, CT)
-    v, _, _ = _cabs_layer_norm(z, w2, b2, c_mask, C, eps)
-    y = v * tl.sigmoid(v)
-    _cabs_store_rows(Y, b, t, t_mask, N, c, c_mask, C, y)
-    # SE squeeze: this tile's share of the mean over the image's tokens
-    se = tl.sum(tl.where(t_mask[:, None], y, 0.0), axis=0) / N
-    tl.atomic_add(SE_MEAN + b * C + c, se, mask=c_mask)
+    se = tl.zeros((BLOCK_C,), dtype=CT)
+    for tile in range(pid * TILES, tl.minimum((pid + 1) * TILES, tl.cdiv(N, BLOCK_T))):
+        t, t_mask, r, col = _cabs_token_tile(tile, N, w, BLOCK_T)
+        z = _cabs_dwconv3x3_of_ln1_silu(
+            X, DW, b, r, col, t_mask, h, w, N, c, c_mask, C, w1, b1, eps, BLOCK_T, BLOCK_C, CT
+        )
+        v, _, _, _ = _cabs_layer_norm(z, w2, b2, c_mask, C, eps)
+        y = v * tl.sigmoid(v)
+        _cabs_store_rows(Y, b, t, t_mask, N, c, c_mask, C, y)
+        se += tl.sum(tl.where(t_mask[:, None], y, 0.0), axis=0)
+    tl.store(SE_PARTIAL + (b * tl.num_programs(0) + pid) * C + c, se / N, mask=c_mask)
 
 
 @triton.jit
 def _cabs_dwconv_ln_silu_sepool_bwd_to_conv_out(
-    GRAD_Y, GRAD_SE, X, LN1_W, LN1_B, DW, LN2_W, LN2_B, GRAD_Z, PARTIAL,
-    N, h, w, C, eps, GROUPS,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, CT: tl.constexpr,
+    GRAD_Y,
+    GRAD_SE,
+    X,
+    LN1_W,
+    LN1_B,
+    DW,
+    LN2_W,
+    LN2_B,
+    GRAD_Z,
+    PARTIAL,
+    N,
+    h,
+    w,
+    C,
+    eps,
+    TILES,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    CT: tl.constexpr,
 ):
-    """Backward, part 1: d loss / d z (the depthwise conv output) through LN2, SiLU and the SE mean.
+    """Backward, part 1: d loss / d z (z = the depthwise conv output) through LN2, SiLU and the SE mean.
 
-    Recomputes z from x. PARTIAL rows: 0 = d ln2_weight, 1 = d ln2_bias.
+    Recomputes z from x. PARTIAL[b * programs + pid] rows: 0 = d ln2_weight, 1 = d ln2_bias.
     """
-    pid_t = tl.program_id(0)
+    pid = tl.program_id(0)
     b = tl.program_id(1)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_mask = t < N
-    t = tl.minimum(t, N - 1)
-    r = t // w
-    col = t % w
     c = tl.arange(0, BLOCK_C)
     c_mask = c < C
     w1 = tl.load(LN1_W + c, mask=c_mask, other=0.0).to(CT)
     b1 = tl.load(LN1_B + c, mask=c_mask, other=0.0).to(CT)
     w2 = tl.load(LN2_W + c, mask=c_mask, other=0.0).to(CT)
     b2 = tl.load(LN2_B + c, mask=c_mask, other=0.0).to(CT)
-
-    z = _cabs_dwconv3x3_of_ln1_silu(X, DW, b, r, col, t_mask, h, w, N, c, c_mask, C, w1, b1, eps, BLOCK_T, BLOCK_C, CT)
-    v, xhat2, rstd2 = _cabs_layer_norm(z, w2, b2, c_mask, C, eps)
     # every token receives 1/N of the SE mean's gradient
     grad_se = tl.load(GRAD_SE + b * C + c, mask=c_mask, other=0.0).to(CT) / N
-    grad_y = _cabs_load_rows(GRAD_Y, b, t, t_mask, N, c, c_mask, C, CT) + grad_se[None, :]
-    grad_v = tl.where(t_mask[:, None], grad_y * _cabs_silu_grad(v), 0.0)
-    grad_z = _cabs_layer_norm_backward(grad_v, xhat2, rstd2, w2, C)
-    _cabs_store_rows(GRAD_Z, b, t, t_mask, N, c, c_mask, C, grad_z)
-
-    group = (b * tl.num_programs(0) + pid_t) % GROUPS
-    _cabs_add_partial(PARTIAL, group, 0, 2, c, c_mask, C, tl.sum(grad_v * xhat2, axis=0))
-    _cabs_add_partial(PARTIAL, group, 1, 2, c, c_mask, C, tl.sum(grad_v, axis=0))
+    grad_w2 = tl.zeros((BLOCK_C,), dtype=CT)
+    grad_b2 = tl.zeros((BLOCK_C,), dtype=CT)
+    for tile in range(pid * TILES, tl.minimum((pid + 1) * TILES, tl.cdiv(N, BLOCK_T))):
+        t, t_mask, r, col = _cabs_token_tile(tile, N, w, BLOCK_T)
+        z = _cabs_dwconv3x3_of_ln1_silu(
+            X, DW, b, r, col, t_mask, h, w, N, c, c_mask, C, w1, b1, eps, BLOCK_T, BLOCK_C, CT
+        )
+        v, xhat2, _, rstd2 = _cabs_layer_norm(z, w2, b2, c_mask, C, eps)
+        grad_y = _cabs_load_rows(GRAD_Y, b, t, t_mask, N, c, c_mask, C, CT) + grad_se[None, :]
+        grad_v = tl.where(t_mask[:, None], grad_y * _cabs_silu_grad(v), 0.0)
+        _cabs_store_rows(GRAD_Z, b, t, t_mask, N, c, c_mask, C, _cabs_layer_norm_backward(grad_v, xhat2, rstd2, w2, C))
+        grad_w2 += tl.sum(grad_v * xhat2, axis=0)
+        grad_b2 += tl.sum(grad_v, axis=0)
+    row = (b * tl.num_programs(0) + pid) * 2
+    tl.store(PARTIAL + row * C + c, grad_w2, mask=c_mask)
+    tl.store(PARTIAL + (row + 1) * C + c, grad_b2, mask=c_mask)
 
 
 @triton.jit
 def _cabs_ln_silu_dwconv3x3_bwd_to_input(
-    GRAD_Z, X, LN1_W, LN1_B, DW, GRAD_X, PARTIAL,
-    N, h, w, C, eps, GROUPS,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, CT: tl.constexpr,
+    GRAD_Z,
+    X,
+    LN1_W,
+    LN1_B,
+    DW,
+    GRAD_X,
+    LN1_STATS,
+    N,
+    h,
+    w,
+    C,
+    eps,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    CT: tl.constexpr,
 ):
     """Backward, part 2: d loss / d x through the depthwise conv (its transpose: taps mirrored), SiLU and LN1.
 
-    With z[t] = sum_tap dw[tap] * a[t + d_tap]: d a[s] = sum_tap dw[tap] * dz[s - d_tap] and
-    d dw[tap] = sum_s a[s] * dz[s - d_tap]. PARTIAL rows: 0..8 = d dw taps, 9 = d ln1_weight, 10 = d ln1_bias.
+    With z[t] = sum_tap dw[tap] * a[t + d_tap]: d a[s] = sum_tap dw[tap] * dz[s - d_tap]. Also stores LN1's
+    (mean, rstd) per token for part 3.
     """
-    pid_t = tl.program_id(0)
     b = tl.program_id(1)
-    s = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    s_mask = s < N
-    s = tl.minimum(s, N - 1)
-    r = s // w
-    col = s % w
+    s, s_mask, r, col = _cabs_token_tile(tl.program_id(0), N, w, BLOCK_T)
     c = tl.arange(0, BLOCK_C)
     c_mask = c < C
     w1 = tl.load(LN1_W + c, mask=c_mask, other=0.0).to(CT)
     b1 = tl.load(LN1_B + c, mask=c_mask, other=0.0).to(CT)
-
     x = _cabs_load_rows(X, b, s, s_mask, N, c, c_mask, C, CT)
-    u, xhat1, rstd1 = _cabs_layer_norm(x, w1, b1, c_mask, C, eps)
-    a = tl.where(s_mask[:, None], u * tl.sigmoid(u), 0.0)
+    u, xhat1, mean1, rstd1 = _cabs_layer_norm(x, w1, b1, c_mask, C, eps)
+    stats = (b * N + s).to(tl.int64) * 2
+    tl.store(LN1_STATS + stats, mean1, mask=s_mask)
+    tl.store(LN1_STATS + stats + 1, rstd1, mask=s_mask)
 
-    group = (b * tl.num_programs(0) + pid_t) % GROUPS
     grad_a = tl.zeros((BLOCK_T, BLOCK_C), dtype=CT)
     for tap in tl.static_range(9):
         token, inside = _cabs_neighbour(r, col, 1 - tap // 3, 1 - tap % 3, s_mask, h, w)  # s - d_tap
         grad_z = _cabs_load_rows(GRAD_Z, b, token, inside, N, c, c_mask, C, CT)
         grad_a += grad_z * tl.load(DW + c * 9 + tap, mask=c_mask, other=0.0).to(CT)[None, :]
-        _cabs_add_partial(PARTIAL, group, tap, 11, c, c_mask, C, tl.sum(a * grad_z, axis=0))
-
-    grad_u = grad_a * _cabs_silu_grad(u)
-    grad_x = _cabs_layer_norm_backward(grad_u, xhat1, rstd1, w1, C)
+    grad_x = _cabs_layer_norm_backward(grad_a * _cabs_silu_grad(u), xhat1, rstd1, w1, C)
     _cabs_store_rows(GRAD_X, b, s, s_mask, N, c, c_mask, C, grad_x)
-    _cabs_add_partial(PARTIAL, group, 9, 11, c, c_mask, C, tl.sum(grad_u * xhat1, axis=0))
-    _cabs_add_partial(PARTIAL, group, 10, 11, c, c_mask, C, tl.sum(grad_u, axis=0))
+
+
+@triton.jit
+def _cabs_dwconv_ln1_weight_grads(
+    GRAD_Z,
+    X,
+    LN1_STATS,
+    LN1_W,
+    LN1_B,
+    DW,
+    PARTIAL,
+    N,
+    h,
+    w,
+    C,
+    TOTAL,
+    TOKENS_PER_CHUNK,
+    BLOCK_T: tl.constexpr,
+    BLOCK_CW: tl.constexpr,
+    CT: tl.constexpr,
+):
+    """Backward, part 3: gradients of the depthwise weights and of LN1's weight and bias, for a block of BLOCK_CW
+    channels summed over one chunk of the B*N tokens (all images), written as PARTIAL[chunk] rows
+    0..8 = d dw taps, 9 = d ln1_weight, 10 = d ln1_bias.
+
+    d dw[tap] = sum_s a[s] * dz[s - d_tap] and d a[s] = sum_tap dw[tap] * dz[s - d_tap] are channel-wise, so
+    with LN1's row statistics from part 2 a program needs only its channels. The 9 taps are the middle axis
+    of a [BLOCK_T, 16, BLOCK_CW] tile (padded to 16), which keeps all 9 tap sums in one register tile.
+    """
+    pid_c = tl.program_id(0)
+    chunk = tl.program_id(1)
+    c = pid_c * BLOCK_CW + tl.arange(0, BLOCK_CW)
+    c_mask = c < C
+    taps = tl.arange(0, 16)
+    tap_ok = taps < 9
+    dy = taps // 3 - 1
+    dx = taps % 3 - 1
+    dw = tl.load(DW + c[None, :] * 9 + taps[:, None], mask=tap_ok[:, None] & c_mask[None, :], other=0.0).to(
+        CT
+    )  # [16, BLOCK_CW]
+    w1 = tl.load(LN1_W + c, mask=c_mask, other=0.0).to(CT)
+    b1 = tl.load(LN1_B + c, mask=c_mask, other=0.0).to(CT)
+
+    grad_dw = tl.zeros((16, BLOCK_CW), dtype=CT)
+    grad_w1 = tl.zeros((BLOCK_CW,), dtype=CT)
+    grad_b1 = tl.zeros((BLOCK_CW,), dtype=CT)
+    end = tl.minimum((chunk + 1) * TOKENS_PER_CHUNK, TOTAL)
+    for first in range(chunk * TOKENS_PER_CHUNK, end, BLOCK_T):
+        g = first + tl.arange(0, BLOCK_T)  # flat (b, token) index
+        g_mask = g < end
+        g = tl.minimum(g, TOTAL - 1)
+        b = g // N
+        r = (g % N) // w
+        col = g % w
+        x = tl.load(X + g.to(tl.int64)[:, None] * C + c[None, :], mask=g_mask[:, None] & c_mask[None, :], other=0.0).to(
+            CT
+        )
+        mean1 = tl.load(LN1_STATS + g.to(tl.int64) * 2, mask=g_mask, other=0.0)
+        rstd1 = tl.load(LN1_STATS + g.to(tl.int64) * 2 + 1, mask=g_mask, other=0.0)
+        xhat1 = (x - mean1[:, None]) * rstd1[:, None]
+        u = xhat1 * w1[None, :] + b1[None, :]
+        a = u * tl.sigmoid(u)
+
+        # dz at s - d_tap for every tap: [BLOCK_T, 16, BLOCK_CW], zero outside the image
+        nr = r[:, None] - dy[None, :]
+        nc = col[:, None] - dx[None, :]
+        inside = g_mask[:, None] & tap_ok[None, :] & (nr >= 0) & (nr < h) & (nc >= 0) & (nc < w)
+        token = b[:, None] * N + tl.minimum(tl.maximum(nr, 0), h - 1) * w + tl.minimum(tl.maximum(nc, 0), w - 1)
+        offs = token.to(tl.int64)[:, :, None] * C + c[None, None, :]
+        grad_z = tl.load(GRAD_Z + offs, mask=inside[:, :, None] & c_mask[None, None, :], other=0.0).to(CT)
+
+        grad_dw += tl.sum(a[:, None, :] * grad_z, axis=0)
+        grad_u = tl.sum(grad_z * dw[None, :, :], axis=1) * _cabs_silu_grad(u)  # rows outside the chunk: grad_z = 0
+        grad_w1 += tl.sum(grad_u * xhat1, axis=0)
+        grad_b1 += tl.sum(grad_u, axis=0)
+    rows = chunk * 11
+    tl.store(PARTIAL + (rows + taps[:, None]) * C + c[None, :], grad_dw, mask=tap_ok[:, None] & c_mask[None, :])
+    tl.store(PARTIAL + (rows + 9) * C + c, grad_w1, mask=c_mask)
+    tl.store(PARTIAL + (rows + 10) * C + c, grad_b1, mask=c_mask)
 
 
 # ---- kernels (b)+(c): LN + residual + SiLU, then the adaptive average pool ---------------------------------
@@ -230,17 +381,30 @@ def _cabs_pool_window(o, h_in, h_out):
 def _cabs_ln_residual_silu_at(Y, R, b, token, valid, N, c, c_mask, C, weight, bias, eps, CT: tl.constexpr):
     """SiLU(LN(y) + r) at the given tokens. Returns (out, pre-activation, xhat, rstd)."""
     y = _cabs_load_rows(Y, b, token, valid, N, c, c_mask, C, CT)
-    pre, xhat, rstd = _cabs_layer_norm(y, weight, bias, c_mask, C, eps)
+    pre, xhat, _, rstd = _cabs_layer_norm(y, weight, bias, c_mask, C, eps)
     pre += _cabs_load_rows(R, b, token, valid, N, c, c_mask, C, CT)
     return pre * tl.sigmoid(pre), pre, xhat, rstd
 
 
 @triton.jit
 def _cabs_ln_residual_silu_avgpool_fwd(
-    Y, W, BIAS, R, OUT,
-    h, w, out_h, out_w, C, eps,
-    LN_RESIDUAL_SILU: tl.constexpr, WIN_H: tl.constexpr, WIN_W: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, CT: tl.constexpr,
+    Y,
+    W,
+    BIAS,
+    R,
+    OUT,
+    h,
+    w,
+    out_h,
+    out_w,
+    C,
+    eps,
+    LN_RESIDUAL_SILU: tl.constexpr,
+    WIN_H: tl.constexpr,
+    WIN_W: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    CT: tl.constexpr,
 ):
     """A tile of pooled output tokens: the mean of SiLU(LN(y) + r) (or of y alone) over each one's window.
 
@@ -277,31 +441,33 @@ def _cabs_ln_residual_silu_avgpool_fwd(
 
 
 @triton.jit
-def _cabs_ln_residual_silu_avgpool_bwd(
-    GRAD_OUT, Y, W, BIAS, R, GRAD_Y, GRAD_R, PARTIAL,
-    h, w, out_h, out_w, C, eps, GROUPS,
-    LN_RESIDUAL_SILU: tl.constexpr, FAN_H: tl.constexpr, FAN_W: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, CT: tl.constexpr,
+def _cabs_pooled_grad(
+    GRAD_OUT,
+    b,
+    iy,
+    ix,
+    t_mask,
+    h,
+    w,
+    out_h,
+    out_w,
+    c,
+    c_mask,
+    C,
+    FAN_H: tl.constexpr,
+    FAN_W: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    CT: tl.constexpr,
 ):
-    """A tile of input tokens: gather the pooled gradient from every window that holds each token (no atomics),
-    then backpropagate through SiLU(LN(y) + r). PARTIAL rows: 0 = d weight, 1 = d bias.
+    """d loss / d (pool input) for input tokens at (iy, ix): the sum over the windows holding each token of that
+    window's output gradient / its size. Gathered, not scattered, so no atomics.
 
     The windows holding input row i are the outputs [floor(i*out/in), ...), at most FAN_H of them (FAN_W for
     columns); membership is tested with the exact window formula.
     """
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1)
-    N = h * w
     M = out_h * out_w
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_mask = t < N
-    t = tl.minimum(t, N - 1)
-    iy = t // w
-    ix = t % w
-    c = tl.arange(0, BLOCK_C)
-    c_mask = c < C
-
-    grad = tl.zeros((BLOCK_T, BLOCK_C), dtype=CT)  # d loss / d (pool input)
+    grad = tl.zeros((BLOCK_T, BLOCK_C), dtype=CT)
     for jy in tl.static_range(FAN_H):
         oy = (iy * out_h) // h + jy
         wy0, wy1 = _cabs_pool_window(oy, h, out_h)
@@ -312,19 +478,67 @@ def _cabs_ln_residual_silu_avgpool_bwd(
             o = tl.minimum(oy, out_h - 1) * out_w + tl.minimum(ox, out_w - 1)
             g = _cabs_load_rows(GRAD_OUT, b, o, holds, M, c, c_mask, C, CT)
             grad += g / ((wy1 - wy0) * (wx1 - wx0)).to(CT)[:, None]
+    return grad
 
+
+@triton.jit
+def _cabs_ln_residual_silu_avgpool_bwd(
+    GRAD_OUT,
+    Y,
+    W,
+    BIAS,
+    R,
+    GRAD_Y,
+    GRAD_R,
+    PARTIAL,
+    h,
+    w,
+    out_h,
+    out_w,
+    C,
+    eps,
+    TILES,
+    LN_RESIDUAL_SILU: tl.constexpr,
+    FAN_H: tl.constexpr,
+    FAN_W: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    CT: tl.constexpr,
+):
+    """TILES tiles of input tokens of image b: the pooled gradient, then backward through SiLU(LN(y) + r).
+
+    PARTIAL[b * programs + pid] rows: 0 = d weight, 1 = d bias (written once per program, like kernel (a)).
+    """
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    N = h * w
+    c = tl.arange(0, BLOCK_C)
+    c_mask = c < C
     if LN_RESIDUAL_SILU:
         weight = tl.load(W + c, mask=c_mask, other=0.0).to(CT)
         bias = tl.load(BIAS + c, mask=c_mask, other=0.0).to(CT)
-        _, pre, xhat, rstd = _cabs_ln_residual_silu_at(Y, R, b, t, t_mask, N, c, c_mask, C, weight, bias, eps, CT)
-        grad_pre = grad * _cabs_silu_grad(pre)
-        _cabs_store_rows(GRAD_R, b, t, t_mask, N, c, c_mask, C, grad_pre)
-        _cabs_store_rows(GRAD_Y, b, t, t_mask, N, c, c_mask, C, _cabs_layer_norm_backward(grad_pre, xhat, rstd, weight, C))
-        group = (b * tl.num_programs(0) + pid_t) % GROUPS
-        _cabs_add_partial(PARTIAL, group, 0, 2, c, c_mask, C, tl.sum(grad_pre * xhat, axis=0))
-        _cabs_add_partial(PARTIAL, group, 1, 2, c, c_mask, C, tl.sum(grad_pre, axis=0))
-    else:
-        _cabs_store_rows(GRAD_Y, b, t, t_mask, N, c, c_mask, C, grad)
+        grad_weight = tl.zeros((BLOCK_C,), dtype=CT)
+        grad_bias = tl.zeros((BLOCK_C,), dtype=CT)
+    for tile in range(pid * TILES, tl.minimum((pid + 1) * TILES, tl.cdiv(N, BLOCK_T))):
+        t, t_mask, iy, ix = _cabs_token_tile(tile, N, w, BLOCK_T)
+        grad = _cabs_pooled_grad(
+            GRAD_OUT, b, iy, ix, t_mask, h, w, out_h, out_w, c, c_mask, C, FAN_H, FAN_W, BLOCK_T, BLOCK_C, CT
+        )
+        if LN_RESIDUAL_SILU:
+            _, pre, xhat, rstd = _cabs_ln_residual_silu_at(Y, R, b, t, t_mask, N, c, c_mask, C, weight, bias, eps, CT)
+            grad_pre = grad * _cabs_silu_grad(pre)  # grad is 0 on masked rows
+            _cabs_store_rows(GRAD_R, b, t, t_mask, N, c, c_mask, C, grad_pre)
+            _cabs_store_rows(
+                GRAD_Y, b, t, t_mask, N, c, c_mask, C, _cabs_layer_norm_backward(grad_pre, xhat, rstd, weight, C)
+            )
+            grad_weight += tl.sum(grad_pre * xhat, axis=0)
+            grad_bias += tl.sum(grad_pre, axis=0)
+        else:
+            _cabs_store_rows(GRAD_Y, b, t, t_mask, N, c, c_mask, C, grad)
+    if LN_RESIDUAL_SILU:
+        row = (b * tl.num_programs(0) + pid) * 2
+        tl.store(PARTIAL + row * C + c, grad_weight, mask=c_mask)
+        tl.store(PARTIAL + (row + 1) * C + c, grad_bias, mask=c_mask)
 
 
 # ---- launch ------------------------------------------------------------------------------------------------
@@ -341,7 +555,7 @@ def _cabs_tiles(tokens, C, live_tiles):
     block_c = next_pow2(C)
     if KERNELS_INTERPRETED:
         # the interpreter costs about the same per program whatever its size: few, large programs
-        return max(1, min(next_pow2(tokens), (1 << 20) // block_c)), block_c, 4
+        return max(1, min(next_pow2(tokens), (1 << 18) // block_c)), block_c, 4
     num_warps = 8 if block_c >= 1024 else 4
     # keep the live tiles within about 64 fp32 registers per thread
     budget = num_warps * 32 * 64
@@ -351,12 +565,39 @@ def _cabs_tiles(tokens, C, live_tiles):
     return block_t, block_c, num_warps
 
 
+def _cabs_tiles_per_program(tokens, block_t, B, device):
+    """(TILES, programs per image) for the kernels that loop over token tiles to write one partial row each.
+
+    Interpreter: one program per image (the loop then runs over a few large tiles). GPU: about four programs
+    per SM in total, so the partial-sum buffer stays small whatever B*N is.
+    """
+    tiles = triton.cdiv(tokens, block_t)
+    per_program = tiles if KERNELS_INTERPRETED else max(1, triton.cdiv(tiles * B, 4 * sm_count(device)))
+    return per_program, triton.cdiv(tiles, per_program)
+
+
+def _cabs_weight_grad_launch(C, total_tokens, device):
+    """(BLOCK_T, BLOCK_CW, chunks, tokens per chunk, num_warps) of the channel-blocked weight-gradient kernel."""
+    if KERNELS_INTERPRETED:
+        block_cw = next_pow2(C)
+        block_t = max(1, min(next_pow2(total_tokens), (1 << 20) // (16 * block_cw)))
+        return block_t, block_cw, 1, total_tokens, 4
+    block_t, block_cw = 8, min(32, next_pow2(C))  # [8, 16, 32] tap tile: 32 fp32 registers per thread
+    chunks = max(1, min(triton.cdiv(total_tokens, 64), (4 * sm_count(device)) // triton.cdiv(C, block_cw)))
+    per_chunk = triton.cdiv(triton.cdiv(total_tokens, chunks), block_t) * block_t
+    return block_t, block_cw, triton.cdiv(total_tokens, per_chunk), per_chunk, 4
+
+
+@functools.lru_cache(maxsize=None)
 def _cabs_pool_window_bounds(size_in, size_out):
     """(largest window, most windows holding one index) along one axis of PyTorch's adaptive pooling."""
     starts = [(o * size_in) // size_out for o in range(size_out)]
-    ends = [-((-(o + 1) * size_in) // size_out) for o in range(size_out)]
-    fan = max(sum(s <= i < e for s, e in zip(starts, ends)) for i in range(size_in))
-    return max(e - s for s, e in zip(starts, ends)), fan
+    ends = [-((-(o + 1) * size_in) // size_out) for o in range(size_out)]  # ceil
+    cover = [0] * (size_in + 1)  # difference array: +1 where a window starts, -1 where it ends
+    for start, end in zip(starts, ends):
+        cover[start] += 1
+        cover[end] -= 1
+    return max(e - s for s, e in zip(starts, ends)), max(itertools.accumulate(cover[:-1]))
 
 
 def _cabs_check_tokens(op_name, x, h, w):
@@ -367,55 +608,153 @@ def _cabs_check_tokens(op_name, x, h, w):
 
 
 def _cabs_weight_grads(partial, rows, params):
-    """Finish the grouped partial sums: (groups, rows, C) -> one gradient per param, in the param's dtype."""
+    """Finish the partial sums: (programs, rows, C) -> one gradient per param, in the param's dtype."""
     return [partial[:, row].sum(0).to(p.dtype) for row, p in zip(rows, params)]  # separate tensors, no views
 
 
 # (a) cabs_dwconv_block
 
 
-def _cabs_dwconv_block_forward(x: torch.Tensor, h: int, w: int, ln1_weight: torch.Tensor, ln1_bias: torch.Tensor, dw_weight: torch.Tensor, ln2_weight: torch.Tensor, ln2_bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _cabs_dwconv_block_forward(
+    x: torch.Tensor,
+    h: int,
+    w: int,
+    ln1_weight: torch.Tensor,
+    ln1_bias: torch.Tensor,
+    dw_weight: torch.Tensor,
+    ln2_weight: torch.Tensor,
+    ln2_bias: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     check_kernel_inputs("cabs_dwconv_block", x, ln1_weight, ln1_bias, dw_weight, ln2_weight, ln2_bias)
     _cabs_check_tokens("cabs_dwconv_block", x, h, w)
     B, N, C = x.shape
     x = x.contiguous()
     acc_dtype, ct = compute_dtype(x)
-    y = new_output((B, N, C), x.dtype, x.device)
-    se_mean = torch.zeros((B, C), dtype=acc_dtype, device=x.device)  # atomics target
     block_t, block_c, num_warps = _cabs_tiles(N, C, live_tiles=4)
-    _cabs_ln_silu_dwconv3x3_ln_silu_sepool_fwd[(triton.cdiv(N, block_t), B)](
-        x, ln1_weight.contiguous(), ln1_bias.contiguous(), dw_weight.reshape(C, 9).contiguous(),
-        ln2_weight.contiguous(), ln2_bias.contiguous(), y, se_mean, N, h, w, C, eps,
-        BLOCK_T=block_t, BLOCK_C=block_c, CT=ct, num_warps=num_warps,
+    tiles, programs = _cabs_tiles_per_program(N, block_t, B, x.device)
+    y = new_output((B, N, C), x.dtype, x.device)
+    se_partial = new_output((B, programs, C), acc_dtype, x.device)
+    _cabs_ln_silu_dwconv3x3_ln_silu_sepool_fwd[(programs, B)](
+        x,
+        ln1_weight.contiguous(),
+        ln1_bias.contiguous(),
+        dw_weight.reshape(C, 9).contiguous(),
+        ln2_weight.contiguous(),
+        ln2_bias.contiguous(),
+        y,
+        se_partial,
+        N,
+        h,
+        w,
+        C,
+        eps,
+        tiles,
+        BLOCK_T=block_t,
+        BLOCK_C=block_c,
+        CT=ct,
+        num_warps=num_warps,
     )
-    return y, se_mean
+    return y, se_partial.sum(1)
 
 
-def _cabs_dwconv_block_backward(grad_y: torch.Tensor, grad_se_mean: torch.Tensor, x: torch.Tensor, h: int, w: int, ln1_weight: torch.Tensor, ln1_bias: torch.Tensor, dw_weight: torch.Tensor, ln2_weight: torch.Tensor, ln2_bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    check_kernel_inputs("cabs_dwconv_block", x, grad_y, grad_se_mean, ln1_weight, ln1_bias, dw_weight, ln2_weight, ln2_bias)
+def _cabs_dwconv_block_backward(
+    grad_y: torch.Tensor,
+    grad_se_mean: torch.Tensor,
+    x: torch.Tensor,
+    h: int,
+    w: int,
+    ln1_weight: torch.Tensor,
+    ln1_bias: torch.Tensor,
+    dw_weight: torch.Tensor,
+    ln2_weight: torch.Tensor,
+    ln2_bias: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_kernel_inputs(
+        "cabs_dwconv_block", x, grad_y, grad_se_mean, ln1_weight, ln1_bias, dw_weight, ln2_weight, ln2_bias
+    )
     B, N, C = x.shape
     x, grad_y, grad_se_mean = x.contiguous(), grad_y.contiguous(), grad_se_mean.contiguous()
-    params = [p.contiguous() for p in (ln1_weight, ln1_bias, ln2_weight, ln2_bias)]
+    w1, b1, w2, b2 = (p.contiguous() for p in (ln1_weight, ln1_bias, ln2_weight, ln2_bias))
     dw = dw_weight.reshape(C, 9).contiguous()
     acc_dtype, ct = compute_dtype(x, grad_y)
-    grad_z = new_output((B, N, C), acc_dtype, x.device)  # d loss / d (depthwise conv output), kept in fp32
-    grad_x = new_output((B, N, C), x.dtype, x.device)
+
+    # part 1: d loss / d (depthwise conv output), kept in fp32, and the LN2 weight gradients
     block_t, block_c, num_warps = _cabs_tiles(N, C, live_tiles=6)
-    grid = (triton.cdiv(N, block_t), B)
-    groups = weight_grad_groups(grid[0] * grid[1])
-    partial_ln2 = torch.zeros((groups, 2, C), dtype=acc_dtype, device=x.device)
-    partial_ln1_dw = torch.zeros((groups, 11, C), dtype=acc_dtype, device=x.device)
-    meta = dict(BLOCK_T=block_t, BLOCK_C=block_c, CT=ct, num_warps=num_warps)
-    _cabs_dwconv_ln_silu_sepool_bwd_to_conv_out[grid](
-        grad_y, grad_se_mean, x, params[0], params[1], dw, params[2], params[3], grad_z, partial_ln2,
-        N, h, w, C, eps, groups, **meta,
+    tiles, programs = _cabs_tiles_per_program(N, block_t, B, x.device)
+    grad_z = new_output((B, N, C), acc_dtype, x.device)
+    partial_ln2 = new_output((B * programs, 2, C), acc_dtype, x.device)
+    _cabs_dwconv_ln_silu_sepool_bwd_to_conv_out[(programs, B)](
+        grad_y,
+        grad_se_mean,
+        x,
+        w1,
+        b1,
+        dw,
+        w2,
+        b2,
+        grad_z,
+        partial_ln2,
+        N,
+        h,
+        w,
+        C,
+        eps,
+        tiles,
+        BLOCK_T=block_t,
+        BLOCK_C=block_c,
+        CT=ct,
+        num_warps=num_warps,
     )
-    _cabs_ln_silu_dwconv3x3_bwd_to_input[grid](
-        grad_z, x, params[0], params[1], dw, grad_x, partial_ln1_dw, N, h, w, C, eps, groups, **meta,
+    # part 2: d loss / d x, and LN1's row statistics for part 3
+    grad_x = new_output((B, N, C), x.dtype, x.device)
+    ln1_stats = new_output((B * N, 2), acc_dtype, x.device)
+    _cabs_ln_silu_dwconv3x3_bwd_to_input[(triton.cdiv(N, block_t), B)](
+        grad_z,
+        x,
+        w1,
+        b1,
+        dw,
+        grad_x,
+        ln1_stats,
+        N,
+        h,
+        w,
+        C,
+        eps,
+        BLOCK_T=block_t,
+        BLOCK_C=block_c,
+        CT=ct,
+        num_warps=num_warps,
+    )
+    # part 3: depthwise and LN1 weight gradients, channel-blocked
+    block_tw, block_cw, chunks, per_chunk, warps_w = _cabs_weight_grad_launch(C, B * N, x.device)
+    partial_ln1_dw = new_output((chunks, 11, C), acc_dtype, x.device)
+    _cabs_dwconv_ln1_weight_grads[(triton.cdiv(C, block_cw), chunks)](
+        grad_z,
+        x,
+        ln1_stats,
+        w1,
+        b1,
+        dw,
+        partial_ln1_dw,
+        N,
+        h,
+        w,
+        C,
+        B * N,
+        per_chunk,
+        BLOCK_T=block_tw,
+        BLOCK_CW=block_cw,
+        CT=ct,
+        num_warps=warps_w,
     )
     grad_ln2_weight, grad_ln2_bias = _cabs_weight_grads(partial_ln2, (0, 1), (ln2_weight, ln2_bias))
     grad_ln1_weight, grad_ln1_bias = _cabs_weight_grads(partial_ln1_dw, (9, 10), (ln1_weight, ln1_bias))
-    grad_dw = partial_ln1_dw[:, :9].sum(0).t().reshape(dw_weight.shape).to(dw_weight.dtype)  # (9, C) -> (C, 1, 3, 3)
+    grad_dw = (
+        partial_ln1_dw[:, :9].sum(0).t().contiguous().view(dw_weight.shape).to(dw_weight.dtype)
+    )  # (9, C) -> (C, 1, 3, 3)
     return grad_x, grad_ln1_weight, grad_ln1_bias, grad_dw, grad_ln2_weight, grad_ln2_bias
 
 
@@ -424,7 +763,9 @@ def _cabs_dwconv_block_fake(x, h, w, ln1_weight, ln1_bias, dw_weight, ln2_weight
     return torch.empty_like(x), x.new_empty((x.shape[0], x.shape[2]), dtype=acc_dtype)
 
 
-def _cabs_dwconv_block_backward_fake(grad_y, grad_se_mean, x, h, w, ln1_weight, ln1_bias, dw_weight, ln2_weight, ln2_bias, eps):
+def _cabs_dwconv_block_backward_fake(
+    grad_y, grad_se_mean, x, h, w, ln1_weight, ln1_bias, dw_weight, ln2_weight, ln2_bias, eps
+):
     return tuple(torch.empty_like(t) for t in (x, ln1_weight, ln1_bias, dw_weight, ln2_weight, ln2_bias))
 
 
@@ -461,9 +802,24 @@ def _cabs_pool_launch(x, h, w, out_h, out_w, ln_params, eps):
     win_w, _ = _cabs_pool_window_bounds(w, out_w)
     block_t, block_c, num_warps = _cabs_tiles(M, C, live_tiles=4)
     _cabs_ln_residual_silu_avgpool_fwd[(triton.cdiv(M, block_t), B)](
-        x, weight, bias, residual, out, h, w, out_h, out_w, C, eps,
-        LN_RESIDUAL_SILU=ln_params is not None, WIN_H=win_h, WIN_W=win_w,
-        BLOCK_T=block_t, BLOCK_C=block_c, CT=ct, num_warps=num_warps,
+        x,
+        weight,
+        bias,
+        residual,
+        out,
+        h,
+        w,
+        out_h,
+        out_w,
+        C,
+        eps,
+        LN_RESIDUAL_SILU=ln_params is not None,
+        WIN_H=win_h,
+        WIN_W=win_w,
+        BLOCK_T=block_t,
+        BLOCK_C=block_c,
+        CT=ct,
+        num_warps=num_warps,
     )
     return out
 
@@ -477,20 +833,37 @@ def _cabs_pool_backward_launch(grad_out, x, h, w, out_h, out_w, ln_params, eps):
     _, fan_h = _cabs_pool_window_bounds(h, out_h)
     _, fan_w = _cabs_pool_window_bounds(w, out_w)
     block_t, block_c, num_warps = _cabs_tiles(N, C, live_tiles=5)
-    grid = (triton.cdiv(N, block_t), B)
-    groups = weight_grad_groups(grid[0] * grid[1])
+    tiles, programs = _cabs_tiles_per_program(N, block_t, B, x.device)
     grad_x = new_output((B, N, C), x.dtype, x.device)
     if ln_params is None:
         weight, bias, residual, grad_residual, partial = x, x, x, grad_x, grad_x  # unused by the pool-only kernel
     else:
         weight, bias, residual = (p.contiguous() for p in ln_params)
         grad_residual = new_output((B, N, C), residual.dtype, x.device)
-        partial = torch.zeros((groups, 2, C), dtype=acc_dtype, device=x.device)
-    _cabs_ln_residual_silu_avgpool_bwd[grid](
-        grad_out, x, weight, bias, residual, grad_x, grad_residual, partial,
-        h, w, out_h, out_w, C, eps, groups,
-        LN_RESIDUAL_SILU=ln_params is not None, FAN_H=fan_h, FAN_W=fan_w,
-        BLOCK_T=block_t, BLOCK_C=block_c, CT=ct, num_warps=num_warps,
+        partial = new_output((B * programs, 2, C), acc_dtype, x.device)
+    _cabs_ln_residual_silu_avgpool_bwd[(programs, B)](
+        grad_out,
+        x,
+        weight,
+        bias,
+        residual,
+        grad_x,
+        grad_residual,
+        partial,
+        h,
+        w,
+        out_h,
+        out_w,
+        C,
+        eps,
+        tiles,
+        LN_RESIDUAL_SILU=ln_params is not None,
+        FAN_H=fan_h,
+        FAN_W=fan_w,
+        BLOCK_T=block_t,
+        BLOCK_C=block_c,
+        CT=ct,
+        num_warps=num_warps,
     )
     if ln_params is None:
         return grad_x
@@ -502,17 +875,41 @@ def _cabs_check_ln_residual(y, weight, bias, residual, h, w, out_h, out_w):
     check_kernel_inputs("ln_residual_silu", y, weight, bias, residual)
     _cabs_check_tokens("ln_residual_silu", y, h, w)
     if residual.shape != y.shape or weight.shape != (y.shape[2],) or bias.shape != (y.shape[2],):
-        raise ValueError(f"ln_residual_silu: shapes y {tuple(y.shape)}, residual {tuple(residual.shape)}, weight {tuple(weight.shape)}, bias {tuple(bias.shape)} do not match")
+        raise ValueError(
+            f"ln_residual_silu: shapes y {tuple(y.shape)}, residual {tuple(residual.shape)}, "
+            f"weight {tuple(weight.shape)}, bias {tuple(bias.shape)} do not match"
+        )
     if out_h <= 0 or out_w <= 0:
         raise ValueError(f"ln_residual_silu: pooled size must be positive, got {(out_h, out_w)}")
 
 
-def _cabs_ln_residual_silu_pool_forward(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, eps: float, h: int, w: int, out_h: int, out_w: int) -> torch.Tensor:
+def _cabs_ln_residual_silu_pool_forward(
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    residual: torch.Tensor,
+    eps: float,
+    h: int,
+    w: int,
+    out_h: int,
+    out_w: int,
+) -> torch.Tensor:
     _cabs_check_ln_residual(y, weight, bias, residual, h, w, out_h, out_w)
     return _cabs_pool_launch(y, h, w, out_h, out_w, (weight, bias, residual), eps)
 
 
-def _cabs_ln_residual_silu_pool_backward(grad_out: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, eps: float, h: int, w: int, out_h: int, out_w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _cabs_ln_residual_silu_pool_backward(
+    grad_out: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    residual: torch.Tensor,
+    eps: float,
+    h: int,
+    w: int,
+    out_h: int,
+    out_w: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _cabs_check_ln_residual(y, weight, bias, residual, h, w, out_h, out_w)
     check_kernel_inputs("ln_residual_silu", y, grad_out)
     return _cabs_pool_backward_launch(grad_out, y, h, w, out_h, out_w, (weight, bias, residual), eps)
@@ -550,7 +947,9 @@ def _cabs_adaptive_avg_pool_forward(x: torch.Tensor, h: int, w: int, out_h: int,
     return _cabs_pool_launch(x, h, w, out_h, out_w, None, 0.0)
 
 
-def _cabs_adaptive_avg_pool_backward(grad_out: torch.Tensor, x: torch.Tensor, h: int, w: int, out_h: int, out_w: int) -> torch.Tensor:
+def _cabs_adaptive_avg_pool_backward(
+    grad_out: torch.Tensor, x: torch.Tensor, h: int, w: int, out_h: int, out_w: int
+) -> torch.Tensor:
     _cabs_check_pool(x, h, w, out_h, out_w)
     check_kernel_inputs("adaptive_avg_pool", x, grad_out)
     return _cabs_pool_backward_launch(grad_out, x, h, w, out_h, out_w, None, 0.0)
@@ -580,22 +979,33 @@ if HAS_TRITON:
         "honeybee::cabs_dwconv_block_backward", _cabs_dwconv_block_backward, _cabs_dwconv_block_backward_fake
     )
     cabs_dwconv_block_op = define_custom_op(
-        "honeybee::cabs_dwconv_block", _cabs_dwconv_block_forward, _cabs_dwconv_block_fake,
-        _cabs_dwconv_block_autograd_backward, _cabs_dwconv_block_setup_context,
+        "honeybee::cabs_dwconv_block",
+        _cabs_dwconv_block_forward,
+        _cabs_dwconv_block_fake,
+        _cabs_dwconv_block_autograd_backward,
+        _cabs_dwconv_block_setup_context,
     )
     ln_residual_silu_pool_backward_op = define_custom_op(
-        "honeybee::ln_residual_silu_pool_backward", _cabs_ln_residual_silu_pool_backward, _cabs_ln_residual_silu_pool_backward_fake
+        "honeybee::ln_residual_silu_pool_backward",
+        _cabs_ln_residual_silu_pool_backward,
+        _cabs_ln_residual_silu_pool_backward_fake,
     )
     ln_residual_silu_pool_op = define_custom_op(
-        "honeybee::ln_residual_silu_pool", _cabs_ln_residual_silu_pool_forward, _cabs_ln_residual_silu_pool_fake,
-        _cabs_ln_residual_silu_pool_autograd_backward, _cabs_ln_residual_silu_pool_setup_context,
+        "honeybee::ln_residual_silu_pool",
+        _cabs_ln_residual_silu_pool_forward,
+        _cabs_ln_residual_silu_pool_fake,
+        _cabs_ln_residual_silu_pool_autograd_backward,
+        _cabs_ln_residual_silu_pool_setup_context,
     )
     adaptive_avg_pool_backward_op = define_custom_op(
         "honeybee::adaptive_avg_pool_backward", _cabs_adaptive_avg_pool_backward, _cabs_adaptive_avg_pool_backward_fake
     )
     adaptive_avg_pool_op = define_custom_op(
-        "honeybee::adaptive_avg_pool", _cabs_adaptive_avg_pool_forward, _cabs_adaptive_avg_pool_fake,
-        _cabs_adaptive_avg_pool_autograd_backward, _cabs_adaptive_avg_pool_setup_context,
+        "honeybee::adaptive_avg_pool",
+        _cabs_adaptive_avg_pool_forward,
+        _cabs_adaptive_avg_pool_fake,
+        _cabs_adaptive_avg_pool_autograd_backward,
+        _cabs_adaptive_avg_pool_setup_context,
     )
 
 

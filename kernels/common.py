@@ -96,13 +96,14 @@ def next_pow2(n):
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def weight_grad_groups(num_programs):
-    """Rows of the fp32 buffer that per-program weight-gradient partials are atomically added into.
+_SM_COUNTS = {}
 
-    Program i adds into row i % groups; a `.sum(0)` finishes the reduction. Fewer rows than programs bound the
-    buffer size, more than one row keeps the atomics on one address from serialising all programs.
-    """
-    return max(1, min(num_programs, 64))
+
+def sm_count(device):
+    """Streaming multiprocessors of a GPU (cached: also read inside CUDA-graph capture)."""
+    if device not in _SM_COUNTS:
+        _SM_COUNTS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNTS[device]
 
 
 def define_custom_op(qualname, impl, fake, backward=None, setup_context=None):

@@ -8,7 +8,12 @@ The Triton paths are `torch.library.custom_op`s (namespace `honeybee`) with fake
 they train and run under `torch.compile` (as opaque ops).
 """
 
-from .cabstractor import adaptive_avg_pool_triton, cabs_dwconv_block_triton, ln_residual_silu_pool_triton, ln_residual_silu_triton
+from .cabstractor import (
+    adaptive_avg_pool_triton,
+    cabs_dwconv_block_triton,
+    ln_residual_silu_pool_triton,
+    ln_residual_silu_triton,
+)
 from .common import HAS_TRITON, kernels_unavailable_reason
 from .msda import msda_triton
 from .reference import (

@@ -1,0 +1,256 @@
+"""Triton C-Abstractor fusions (kernels/cabstractor.py) against their references, forward and backward.
+
+Without a GPU these run under Triton's interpreter (conftest.py sets TRITON_INTERPRET=1 before the kernels are
+imported). Errors are max|kernel - ref| / max|ref| per tensor, against the reference run in the input dtype and
+against the reference run in fp64 on the same (already rounded) inputs.
+"""
+
+import types
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from honeybee_hf.kernels import cabstractor, common  # noqa: E402
+from honeybee_hf.kernels.cabstractor import (  # noqa: E402
+    adaptive_avg_pool_triton,
+    cabs_dwconv_block_triton,
+    ln_residual_silu_pool_triton,
+    ln_residual_silu_triton,
+)
+from honeybee_hf.kernels.reference import (  # noqa: E402
+    adaptive_avg_pool_reference,
+    cabs_dwconv_block_reference,
+    ln_residual_silu_pool_reference,
+    ln_residual_silu_reference,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EPS = 1e-5  # timm's LayerNormAct2d default, which the Honeybee RegStages use
+
+# Tolerance on max|err| / max|ref| against the fp64 reference. fp32: accumulation-order noise. fp16/bf16: the
+# rounding of the outputs (inputs are exact in both); the interpreter truncates fp32 -> bf16 where a GPU rounds
+# to nearest, so bf16 gets one whole ulp (2^-8 relative) plus noise.
+TOL_VS_FP64 = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2, torch.float64: 1e-12}
+# Against the reference run in fp16/bf16, which also rounds every intermediate (LN, conv, SiLU) to that dtype.
+TOL_VS_SAME_DTYPE = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every output a kernel must write completely starts as NaN, so a missed store fails the comparison."""
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+
+
+def rel_err(actual, expected):
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-30)).item()
+
+
+def randn(*shape, dtype, generator, scale=1.0, shift=0.0):
+    return (shift + scale * torch.randn(*shape, generator=generator, dtype=torch.float64)).to(dtype).to(DEVICE)
+
+
+def check(kernel_fn, reference_fn, inputs, names, dtype):
+    """Run kernel_fn(*inputs) and reference_fn on the same values in `dtype` and in fp64, outputs and gradients
+    of every floating input (random output gradients); returns the errors."""
+    inputs = [t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in inputs]
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor)]
+    outputs = kernel_fn(*inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    g = torch.Generator().manual_seed(1)
+    grad_outputs = [randn(*o.shape, dtype=o.dtype, generator=g) for o in outputs]
+    results = (*outputs, *torch.autograd.grad(outputs, leaves, grad_outputs))
+    errors = {}
+    for ref_dtype, tol in ((torch.float64, TOL_VS_FP64[dtype]), (dtype, TOL_VS_SAME_DTYPE.get(dtype))):
+        if tol is None:
+            continue
+        ref_inputs = [t.detach().to(ref_dtype).requires_grad_() if isinstance(t, torch.Tensor) else t for t in inputs]
+        ref_leaves = [t for t in ref_inputs if isinstance(t, torch.Tensor)]
+        ref_outputs = reference_fn(*ref_inputs)
+        ref_outputs = ref_outputs if isinstance(ref_outputs, tuple) else (ref_outputs,)
+        grads = torch.autograd.grad(
+            ref_outputs, ref_leaves, [go.to(o.dtype) for go, o in zip(grad_outputs, ref_outputs)]
+        )
+        for name, actual, ref in zip(names, results, (*ref_outputs, *grads)):
+            assert actual.shape == ref.shape, name
+            assert not actual.isnan().any(), f"{name}: unwritten (NaN) elements"
+            err = rel_err(actual, ref)
+            assert err <= tol, f"{name} vs {ref_dtype} reference: {err:.2e} > {tol:.0e}"
+            errors[name, "fp64" if ref_dtype == torch.float64 else "same dtype"] = err
+    return errors
+
+
+# ---- (a) LN1+SiLU -> depthwise 3x3 -> LN2+SiLU -> SE mean ------------------------------------------------------
+
+
+def dwconv_block_inputs(B, h, w, C, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        randn(B, h * w, C, dtype=dtype, generator=g, scale=2.0, shift=0.5),  # x: conv1 output, not normalised
+        h,
+        w,
+        randn(C, dtype=dtype, generator=g, scale=0.3, shift=1.0),  # ln1 weight
+        randn(C, dtype=dtype, generator=g, scale=0.3),  # ln1 bias
+        randn(C, 1, 3, 3, dtype=dtype, generator=g, scale=0.3),  # depthwise weight
+        randn(C, dtype=dtype, generator=g, scale=0.3, shift=1.0),  # ln2 weight
+        randn(C, dtype=dtype, generator=g, scale=0.3),  # ln2 bias
+        EPS,
+    ]
+
+
+DWCONV_NAMES = (
+    "y",
+    "se_mean",
+    "grad_x",
+    "grad_ln1_weight",
+    "grad_ln1_bias",
+    "grad_dw_weight",
+    "grad_ln2_weight",
+    "grad_ln2_bias",
+)
+
+
+def check_dwconv_block(B, h, w, C, dtype):
+    inputs = dwconv_block_inputs(B, h, w, C, dtype)
+    return check(cabs_dwconv_block_triton, cabs_dwconv_block_reference, inputs, DWCONV_NAMES, dtype)
+
+
+@pytest.mark.parametrize(
+    "B, h, w, C, dtype",
+    [
+        (1, 24, 24, 1024, torch.float32),  # stage 1 at 336 px
+        (1, 12, 12, 1024, torch.bfloat16),  # stage 2 (M144)
+        (2, 16, 16, 256, torch.float16),
+    ],
+)
+def test_dwconv_block_honeybee_shapes(B, h, w, C, dtype):
+    check_dwconv_block(B, h, w, C, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("B, h, w, C", [(2, 5, 7, 20), (1, 1, 6, 3)])
+def test_dwconv_block_non_square_non_pow2(B, h, w, C, dtype):
+    check_dwconv_block(B, h, w, C, dtype)
+
+
+def test_dwconv_block_gradcheck_fp64():
+    inputs = [
+        t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in dwconv_block_inputs(2, 3, 4, 6, torch.float64)
+    ]
+    x, h, w, *params, eps = inputs
+    assert torch.autograd.gradcheck(
+        lambda x, *p: cabs_dwconv_block_triton(x, h, w, *p, eps), (x, *params), fast_mode=True
+    )
+
+
+def test_dwconv_block_backward_is_deterministic():
+    """No atomics in the C-Abstractor kernels: two backward passes agree bit for bit (meaningful on a GPU)."""
+    inputs = [
+        t.requires_grad_() if isinstance(t, torch.Tensor) else t
+        for t in dwconv_block_inputs(2, 6, 5, 40, torch.float32)
+    ]
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor)]
+    y, se = cabs_dwconv_block_triton(*inputs)
+    first = torch.autograd.grad((y, se), leaves, (torch.ones_like(y), torch.ones_like(se)), retain_graph=True)
+    second = torch.autograd.grad((y, se), leaves, (torch.ones_like(y), torch.ones_like(se)))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_poisoned_outputs_catch_a_missed_store(monkeypatch):
+    """The NaN poisoning can catch a kernel that leaves tokens unwritten: launch one token tile of 16 where
+    two are needed, and the missing tokens must show up as NaN."""
+    inputs = [t.detach() if isinstance(t, torch.Tensor) else t for t in dwconv_block_inputs(1, 4, 8, 16, torch.float32)]
+    monkeypatch.setattr(cabstractor, "_cabs_tiles", lambda *args, **kwargs: (16, 16, 4))
+    monkeypatch.setattr(cabstractor, "triton", types.SimpleNamespace(cdiv=lambda a, b: 1))
+    y, _ = cabs_dwconv_block_triton(*inputs)
+    assert not y[:, :16].isnan().any()
+    assert y[:, 16:].isnan().all()
+
+
+# ---- (b) + (c): LN + residual + SiLU, adaptive average pool -----------------------------------------------------
+
+
+def ln_residual_inputs(B, N, C, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        randn(B, N, C, dtype=dtype, generator=g, scale=2.0, shift=0.5),  # y: conv3 output
+        randn(C, dtype=dtype, generator=g, scale=0.3, shift=1.0),
+        randn(C, dtype=dtype, generator=g, scale=0.3),
+        randn(B, N, C, dtype=dtype, generator=g),  # residual: the block input
+        EPS,
+    ]
+
+
+LN_NAMES = ("out", "grad_y", "grad_weight", "grad_bias", "grad_residual")
+
+
+@pytest.mark.parametrize(
+    "B, h, w, out_h, out_w, C, dtype",
+    [
+        (1, 24, 24, 12, 12, 1024, torch.float32),  # 336 px -> M144: 2x2 windows
+        (2, 16, 16, 12, 12, 1024, torch.bfloat16),  # 224 px -> M144: overlapping windows
+        (1, 16, 16, 12, 12, 512, torch.float16),
+        (2, 5, 7, 3, 4, 20, torch.float32),  # non-square, uneven windows, non-pow2 channels
+        (1, 5, 7, 3, 4, 20, torch.float64),
+    ],
+)
+def test_ln_residual_silu_pool(B, h, w, out_h, out_w, C, dtype):
+    inputs = ln_residual_inputs(B, h * w, C, dtype) + [h, w, out_h, out_w]
+    check(ln_residual_silu_pool_triton, ln_residual_silu_pool_reference, inputs, LN_NAMES, dtype)
+
+
+@pytest.mark.parametrize(
+    "B, N, C, dtype",
+    [
+        (1, 576, 1024, torch.float32),
+        (2, 144, 1024, torch.bfloat16),
+        (2, 144, 1024, torch.float16),
+        (3, 10, 33, torch.float32),
+    ],
+)
+def test_ln_residual_silu(B, N, C, dtype):
+    check(ln_residual_silu_triton, ln_residual_silu_reference, ln_residual_inputs(B, N, C, dtype), LN_NAMES, dtype)
+
+
+def test_ln_residual_silu_pool_gradcheck_fp64():
+    y, weight, bias, residual, eps = (
+        t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in ln_residual_inputs(2, 20, 6, torch.float64)
+    )
+    assert torch.autograd.gradcheck(
+        lambda *t: ln_residual_silu_pool_triton(*t[:3], t[3], eps, 5, 4, 3, 3),
+        (y, weight, bias, residual),
+        fast_mode=True,
+    )
+
+
+@pytest.mark.parametrize(
+    "B, h, w, out_h, out_w, C, dtype",
+    [
+        (2, 16, 16, 12, 12, 1024, torch.float32),
+        (1, 24, 24, 12, 12, 1024, torch.bfloat16),
+        (1, 24, 24, 16, 16, 256, torch.float16),  # M256 at 336 px: overlapping windows
+        (2, 5, 7, 3, 4, 20, torch.float32),
+        (1, 4, 4, 6, 5, 8, torch.float32),  # more outputs than inputs: windows repeat tokens
+        (1, 16, 16, 16, 16, 64, torch.float32),  # identity
+    ],
+)
+def test_adaptive_avg_pool(B, h, w, out_h, out_w, C, dtype):
+    g = torch.Generator().manual_seed(0)
+    inputs = [randn(B, h * w, C, dtype=dtype, generator=g), h, w, out_h, out_w]
+    check(adaptive_avg_pool_triton, adaptive_avg_pool_reference, inputs, ("out", "grad_x"), dtype)
+
+
+def test_adaptive_avg_pool_gradcheck_fp64():
+    x = torch.randn(1, 35, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: adaptive_avg_pool_triton(x, 5, 7, 3, 4), (x,), fast_mode=True)
+
+
+def test_rejects_bad_shapes_and_dtypes():
+    x = torch.randn(1, 12, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="h\\*w"):
+        adaptive_avg_pool_triton(x, 3, 5, 2, 2)
+    with pytest.raises(TypeError, match="supports"):
+        adaptive_avg_pool_triton(x.to(torch.int64), 3, 4, 2, 2)
+    with pytest.raises(ValueError, match="at most"):
+        cabstractor._cabs_tiles(16, cabstractor.CABS_MAX_CHANNELS + 1, live_tiles=4)
