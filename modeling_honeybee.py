@@ -28,7 +28,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_honeybee import HoneybeeConfig
-from .kernels_honeybee import adaptive_avg_pool, cabs_dwconv_block, ln_residual_silu, msda
+from .kernels_honeybee import adaptive_avg_pool, cabs_dwconv_block, ln_residual_silu, ln_residual_silu_pool, msda
 
 
 @dataclass
@@ -199,7 +199,7 @@ class HoneybeeBottleneck(GradientCheckpointingLayer):
         # NOTE: timm calls the projection shortcut `downsample` even at stride 1.
         self.downsample = HoneybeeConvNormAct(in_channels, out_channels) if in_channels != out_channels else None
 
-    def forward(self, x, h, w):  # (B, N, Cin) -> (B, N, Cout)
+    def forward(self, x, h, w, pool_to=None):  # (B, N, Cin) -> (B, N, Cout), or (B, pool_to², Cout)
         shortcut = x
         if self.downsample is not None:
             shortcut = self.downsample.bn(self.downsample.linear(x))
@@ -217,8 +217,12 @@ class HoneybeeBottleneck(GradientCheckpointingLayer):
             backend=self.kernel_backend,
         )
         y = y * self.se(mean.to(y.dtype))[:, None]  # channel gates broadcast over tokens
-        return ln_residual_silu(
-            c3.linear(y), c3.bn.weight, c3.bn.bias, shortcut, c3.bn.eps, backend=self.kernel_backend
+        y, ln = c3.linear(y), c3.bn
+        if pool_to is None:
+            return ln_residual_silu(y, ln.weight, ln.bias, shortcut, ln.eps, backend=self.kernel_backend)
+        # the pool reads this block's output straight from registers: the full-resolution map is never written
+        return ln_residual_silu_pool(
+            y, ln.weight, ln.bias, shortcut, ln.eps, h, w, pool_to, pool_to, backend=self.kernel_backend
         )
 
 
@@ -232,14 +236,19 @@ class HoneybeeRegStage(nn.Module):
                 f"b{i + 1}", HoneybeeBottleneck(in_channels if i == 0 else out_channels, out_channels, kernel_backend)
             )
 
-    def forward(self, x, h, w):
-        for block in self.children():
+    def forward(self, x, h, w, pool_to=None):
+        """`pool_to`: adaptive-average-pool the output to pool_to×pool_to, fused into the last block."""
+        *blocks, last = self.children()
+        for block in blocks:
             x = block(x, h, w)
-        return x
+        return last(x, h, w, pool_to)
 
 
 class HoneybeeAdaptivePool(nn.Module):
-    """`nn.AdaptiveAvgPool2d` on token-major maps; 16->12 and 24->16 have overlapping windows."""
+    """`nn.AdaptiveAvgPool2d` on token-major maps; 16->12 and 24->16 have overlapping windows.
+
+    With depth > 0 the pool runs fused into the first stage's last block; this module then only holds the size.
+    """
 
     def __init__(self, side, kernel_backend):
         super().__init__()
@@ -284,11 +293,12 @@ class HoneybeeCAbstractor(nn.Module):
         x = self.prenorm(x)
         if self.pos_emb is not None:
             x = x + self.pos_emb
-        h = w = self.grid
-        for module in self.net:
-            x = module(x, h, w)
-            if isinstance(module, HoneybeeAdaptivePool):
-                h = w = module.side  # (B, N, C) -> (B, M, C)
+        if len(self.net) == 1:  # depth 0: the pool alone
+            x = self.net[0](x, self.grid, self.grid)  # (B, N, Cv) -> (B, M, Cv)
+        else:
+            stage1, pool, stage2 = self.net
+            x = stage1(x, self.grid, self.grid, pool_to=pool.side)  # (B, N, Cv) -> (B, M, Ch), pooled
+            x = stage2(x, pool.side, pool.side)  # (B, M, Ch)
         x = self.readout(x)  # (B, M, D)
         if self.eos_tokens is not None:
             x = torch.cat([x, self.eos_tokens.expand(x.shape[0], -1, -1)], dim=1)  # (B, M + n_eos, D)

@@ -41,7 +41,9 @@ def official_state_dict(tensors):
 def build_abstractor(meta):
     """Our abstractor, randomly initialised, from the official projector_config of a fixture."""
     official = meta["projector_config"]
-    config = HoneybeeProjectorConfig(**{k: v for k, v in official.items() if k in _CONFIG_FIELDS}, kernel_backend="torch")
+    config = HoneybeeProjectorConfig(
+        **{k: v for k, v in official.items() if k in _CONFIG_FIELDS}, kernel_backend="torch"
+    )
     cls = HoneybeeCAbstractor if config.projector_type == "c-abs" else HoneybeeDAbstractor
     model = cls(config, meta["num_input_tokens"], official["encoder_hidden_size"], official["output_hidden_size"])
     return model.eval()
@@ -64,7 +66,10 @@ def max_diff(a, b):
 def run_with_hooks(model, x, modules):
     """Forward `x`, recording the output of each named module."""
     seen = {}
-    handles = [m.register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out)) for name, m in modules.items()]
+    handles = [
+        m.register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out))
+        for name, m in modules.items()
+    ]
     try:
         with torch.no_grad():
             out = model(x)
@@ -78,10 +83,14 @@ def run_with_hooks(model, x, modules):
 def test_cabs_matches_official(name):
     meta, t = load_fixture(name)
     model = load_official(build_abstractor(meta), official_state_dict(t))
-    names = {"s1": model.net[0], "pooled": model.net[1], "s2": model.net[2], "readout": model.readout}
+    # stage 1 pools in its last block (fused), so its hook sees the pooled map; s1 is checked unpooled below
+    names = {"pooled": model.net[0], "s2": model.net[2], "readout": model.readout}
     out, seen = run_with_hooks(model, t["input"], names)
-    for key in ("s1", "pooled", "s2"):
+    for key in ("pooled", "s2"):
         assert max_diff(seen[key], token_major(t[f"intermediate.{key}"])) <= ATOL, key
+    with torch.no_grad():
+        s1 = model.net[0](t["input"] + model.pos_emb, model.grid, model.grid)  # no pool_to: full resolution
+    assert max_diff(s1, token_major(t["intermediate.s1"])) <= ATOL
     assert max_diff(seen["readout"], t["intermediate.readout"]) <= ATOL
     assert max_diff(out, t["output"]) <= ATOL
 
@@ -120,7 +129,9 @@ def test_dabs_matches_official(name):
     meta, t = load_fixture(name)
     model = build_abstractor(meta)
     assert torch.equal(model.reference_points.detach(), t["init_reference_points"])  # our init, before loading
-    assert torch.equal(_initial_reference_points(model.grid, model.reference_points.shape[1]), t["init_reference_points"])
+    assert torch.equal(
+        _initial_reference_points(model.grid, model.reference_points.shape[1]), t["init_reference_points"]
+    )
     load_official(model, official_state_dict(t))
     layers = {f"layer{i}": layer for i, layer in enumerate(model.layers)}
     weights = {"layer0_weights": model.layers[0].encoder_attn.attention_weights}
