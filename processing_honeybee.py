@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import transformers
 from PIL import Image
-from transformers import BatchFeature, CLIPImageProcessor, Pipeline
+from transformers import BatchFeature, Pipeline
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.processing_utils import ProcessorMixin
 
@@ -54,7 +54,8 @@ CHAT_TEMPLATE = (
 
 # transformers 5 names its torchvision-backed processor `CLIPImageProcessor` whenever torchvision is installed; its
 # bicubic resize differs slightly from PIL's, which the official pipeline (and so the model's training) used.
-PilCLIPImageProcessor = getattr(transformers, "CLIPImageProcessorPil", CLIPImageProcessor)
+# (Looked up lazily by name: importing `CLIPImageProcessor` on 5.x without torchvision logs a fallback warning.)
+PilCLIPImageProcessor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
 
 
 def honeybee_image_processor(image_size=224):
