@@ -56,9 +56,9 @@ def cabs_dwconv_block_reference(x, h, w, ln1_weight, ln1_bias, dw_weight, ln2_we
     """
     B, N, C = x.shape
     t = F.silu(F.layer_norm(x, (C,), ln1_weight, ln1_bias, eps))
-    t = t.transpose(1, 2).reshape(B, C, h, w)  # (B, N, C) -> (B, C, h, w)
+    t = t.reshape(B, h, w, C).permute(0, 3, 1, 2)  # (B, N, C) -> (B, C, h, w), a channels-last view: no copy
     t = F.conv2d(t, dw_weight, padding=1, groups=C)
-    t = t.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, N, C)
+    t = t.permute(0, 2, 3, 1).reshape(B, N, C)  # (B, C, h, w) -> (B, N, C), a view: the conv kept channels-last
     y = F.silu(F.layer_norm(t, (C,), ln2_weight, ln2_bias, eps))
     return y, y.to(_accumulation_dtype(y)).mean(1)
 
@@ -74,8 +74,8 @@ def adaptive_avg_pool_reference(x, h, w, out_h, out_w):
     x: (B, h*w, C) -> (B, out_h*out_w, C)
     """
     B, N, C = x.shape
-    t = x.transpose(1, 2).reshape(B, C, h, w)  # (B, C, h, w)
-    return F.adaptive_avg_pool2d(t, (out_h, out_w)).flatten(2).transpose(1, 2)  # (B, M, C)
+    t = x.reshape(B, h, w, C).permute(0, 3, 1, 2)  # (B, C, h, w), a channels-last view
+    return F.adaptive_avg_pool2d(t, (out_h, out_w)).permute(0, 2, 3, 1).reshape(B, out_h * out_w, C)  # (B, M, C)
 
 
 def ln_residual_silu_pool_reference(y, weight, bias, residual, eps, h, w, out_h, out_w):
