@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 stamp_src=$(sha1sum scripts/setup_envs.sh | cut -c1-16)
 common=(torch==2.13.0 peft==0.21.2 accelerate==1.15.0 safetensors sentencepiece protobuf pillow tqdm pytest pytest-timeout)
+quiet() { grep -v "WARNING: Location .* is ignored" || true; }  # this machine's pip.conf names missing indexes
 make_env() {
   local name=$1; shift
   local dir=.venvs/$name
@@ -17,8 +18,8 @@ make_env() {
   fi
   rm -rf "$dir"
   python3 -m venv "$dir"
-  "$dir/bin/pip" install -q --upgrade pip setuptools wheel
-  "$dir/bin/pip" install -q "${common[@]}" "$@"
+  "$dir/bin/pip" install -q --upgrade pip setuptools wheel 2>&1 | quiet
+  "$dir/bin/pip" install -q "${common[@]}" "$@" 2>&1 | quiet
   "$dir/bin/pip" install -q --no-deps -e .
   echo "$stamp_src" > "$dir/.stamp"
   echo "env $name: $("$dir/bin/python" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"
