@@ -546,9 +546,9 @@ class HoneybeeForConditionalGeneration(HoneybeePreTrainedModel, GenerationMixin)
         features = self.vision_model(pixel_values, self.config.projector_config.feature_layer_index)  # (n, N, Cv)
         return self.abstractor(features)
 
-    def merge_image_features(self, input_ids, inputs_embeds, pixel_values):
-        """Overwrite the `<image>` placeholders of `inputs_embeds` with the projector outputs, in order."""
-        slots = input_ids == self.config.image_token_id  # (B, L)
+    def merge_image_features(self, slots, inputs_embeds, pixel_values):
+        """Overwrite the `<image>` placeholders (`slots`, (B, L) bool) of `inputs_embeds` with the projector
+        outputs, in order."""
         M = self.config.num_visual_tokens
         placeholders, images = int(slots.sum()), pixel_values.shape[0]
         if placeholders != images * M:
@@ -590,7 +590,7 @@ class HoneybeeForConditionalGeneration(HoneybeePreTrainedModel, GenerationMixin)
             if slots.any():
                 if pixel_values is None:
                     raise ValueError("input_ids hold <image> placeholders but no pixel_values were given")
-                inputs_embeds, image_features = self.merge_image_features(input_ids, inputs_embeds, pixel_values)
+                inputs_embeds, image_features = self.merge_image_features(slots, inputs_embeds, pixel_values)
         elif pixel_values is not None:
             raise ValueError("pixel_values need input_ids (to find the <image> placeholders), not inputs_embeds")
         outputs = self.language_model(

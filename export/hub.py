@@ -102,6 +102,14 @@ def save_processor_files(processor, out_dir, tokenizer_backend=None):
     return image_token_id
 
 
+def _check_visual_tokens(config, processor):
+    if processor.num_visual_tokens != config.num_visual_tokens:
+        raise ValueError(
+            f"the processor writes {processor.num_visual_tokens} placeholders per image but the model expects "
+            f"{config.num_visual_tokens}"
+        )
+
+
 def write_support_files(config, processor, folder, model_card=None, tokenizer_backend=None):
     """Everything of a Hub folder but the weights, into `folder`, which already holds `config.json`: patches it
     (auto_map, custom pipeline, keys both versions read), then writes generation_config.json (greedy), the processor
@@ -111,11 +119,7 @@ def write_support_files(config, processor, folder, model_card=None, tokenizer_ba
     converter passes the one it built from sentencepiece: transformers 5 rebuilds a loaded Llama tokenizer's
     pipeline, and writing the original keeps tokenizer.json the same whichever version converts."""
     folder = Path(folder)
-    if processor.num_visual_tokens != config.num_visual_tokens:
-        raise ValueError(
-            f"the processor writes {processor.num_visual_tokens} placeholders per image but the model expects "
-            f"{config.num_visual_tokens}"
-        )
+    _check_visual_tokens(config, processor)
     _patch_json(folder / "config.json", _version_neutral_config)
     generation_config_for(config).save_pretrained(folder)
     # Written out even where they are the defaults (transformers 4 drops those): greedy, as the official evaluation.
@@ -158,12 +162,7 @@ def staging_folder(out_dir, force=False):
 def save_hub_folder(model, processor, out_dir, max_shard_size="5GB", model_card=None, force=False):
     """Write `model` and `processor` to `out_dir` as a Hub repo that loads with `trust_remote_code=True`."""
     out_dir = Path(out_dir)
-    refuse_existing(out_dir, force)
-    if processor.num_visual_tokens != model.config.num_visual_tokens:
-        raise ValueError(
-            f"the processor writes {processor.num_visual_tokens} placeholders per image but the model expects "
-            f"{model.config.num_visual_tokens}"
-        )
+    _check_visual_tokens(model.config, processor)  # before writing gigabytes of weights
     with staging_folder(out_dir, force) as staging:
         model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
         write_support_files(model.config, processor, staging, model_card)
