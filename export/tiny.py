@@ -85,3 +85,18 @@ def save_tiny_hub_folder(out_dir, projector_type="c-abs", seed=0, force=False, *
     model, processor = tiny_model(config, seed), tiny_processor(config)
     save_hub_folder(model, processor, out_dir, force=force)
     return model, processor
+
+
+def shrink_photos(names, folder, side=64):
+    """Copies of the bundled photos `names`, longest side `side`, in `folder`: tiny models see 32x32 pixels anyway,
+    and decoding and resizing the full photos at every training step would dominate the CPU time."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        with Image.open(ASSETS / "images" / name) as image:
+            image = image.convert("RGB")
+            image.thumbnail((side, side))
+            image.save(folder / name, quality=95)
+    return folder

@@ -12,14 +12,9 @@ import honeybee_hf
 REPO = Path(honeybee_hf.__file__).resolve().parent
 IMAGES = REPO / "assets" / "images"
 QUESTION = "What is in the image?"
-ANSWERS = {
-    "Yao_Ming.jpeg": "A tall basketball player.",
-    "ca.jpeg": "A map of California.",
-    "laundry.jpeg": "A man ironing on a taxi.",
-    "mug_ad.jpeg": "An advert for a mug.",
-    "titanic.jpeg": "Two people on a ship.",
-}
+ANSWERS = json.loads((IMAGES / "captions.json").read_text())  # photo file name -> what it shows
 TEXT_ONLY = ("Say hello.", "Hello there.")
+MIN_MARGIN = 1.0  # logits by which a trained tiny model's answer tokens must win: CPUs round ~1e-5 apart
 
 
 def unique_folder(parent, stem):
@@ -47,19 +42,24 @@ def make_base(folder, projector_type="c-abs", seed=0):
     return Path(folder)
 
 
-def small_photos(folder, side=64):
-    """The photos, downscaled (longest side `side`) into `folder`: the model sees 32x32 pixels anyway, and decoding
-    and resizing the full photos would dominate the CPU time of many training steps."""
-    from PIL import Image
+def small_photos(folder):
+    from honeybee_hf.export.tiny import shrink_photos
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in ANSWERS:
-        with Image.open(IMAGES / name) as image:
-            image = image.convert("RGB")
-            image.thumbnail((side, side))
-            image.save(folder / name, quality=95)
-    return folder
+    return shrink_photos(ANSWERS, folder)
+
+
+def answer_margins(model, sample):
+    """Teacher-forced margins of a training sample's answer (`HoneybeeConversationDataset` item): at each supervised
+    token, its logit minus the best other token's (`<image>` excluded: generation suppresses it). All positive means
+    greedy decoding writes the answer; a wide minimum means no CPU's rounding can change that."""
+    input_ids, labels = torch.tensor([sample["input_ids"]]), torch.tensor(sample["labels"])
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, pixel_values=sample["pixel_values"]).logits[0].float()
+    logits[:, model.config.image_token_id] = -torch.inf
+    supervised = (labels[1:] != -100).nonzero().flatten()  # logits at t predict token t + 1
+    logits, targets = logits[supervised], labels[1:][supervised]
+    target = logits.gather(1, targets[:, None])[:, 0]
+    return target - logits.scatter(1, targets[:, None], -torch.inf).max(1).values
 
 
 def image_sample(name, question=QUESTION, answer=None):
