@@ -41,7 +41,8 @@ CUSTOM_PIPELINES = {
 def _code_files():
     """The remote code a Hub folder needs: the modules auto_map and the pipeline name, and every flat module they
     import, found the way transformers' loader finds them."""
-    entry = {f"{path.split('.')[0]}.py" for path in [*AUTO_MAP.values(), CUSTOM_PIPELINES["image-to-text"]["impl"]]}
+    classes = [*AUTO_MAP.values(), *(pipeline["impl"] for pipeline in CUSTOM_PIPELINES.values())]
+    entry = {f"{path.split('.')[0]}.py" for path in classes}
     imported = {Path(f).name for name in entry for f in get_relative_import_files(PACKAGE_DIR / name)}
     return sorted(entry | imported)
 
