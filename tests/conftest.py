@@ -13,7 +13,6 @@ if "TRITON_INTERPRET" not in os.environ:
 
 import itertools
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
