@@ -16,7 +16,6 @@ logger = logging.get_logger(__name__)
 
 PROJECTOR_TYPES = ("c-abs", "d-abs")
 POOLED_V_TARGETS = ("query", "tgt", "none")
-KERNEL_BACKENDS = ("auto", "triton", "torch")
 
 # Keys every PretrainedConfig serialises; anything else given to the projector config is unknown to us.
 _GENERIC_CONFIG_KEYS = set(PretrainedConfig().to_dict()) | {"transformers_version", "dtype", "torch_dtype"}
@@ -37,8 +36,6 @@ class HoneybeeProjectorConfig(PretrainedConfig):
         pos_emb (`bool`, True): learned positional embedding added to the visual features.
         feature_layer_index (`int`, -1): which CLIP hidden state feeds the projector (-1: the last layer's output,
             without post_layernorm; 0: the embeddings after pre_layrnorm).
-        kernel_backend (`str`, "auto"): "auto" runs the Triton kernels when the tensors are on a GPU and Triton
-            imports, "triton" forces them, "torch" forces the pure-PyTorch path (same numbers).
         initializer_range (`float`, 0.02): std of the random init of new weights.
 
     C-Abstractor fields (RegNet stages, timm names):
@@ -57,6 +54,10 @@ class HoneybeeProjectorConfig(PretrainedConfig):
     """
 
     model_type = "honeybee_projector"
+    # Runtime state, never saved (like the attention implementation): which implementation the projector's fused
+    # ops take, "auto", "triton" or "torch". Set it with `model.set_kernel_backend(...)` or
+    # `from_pretrained(..., kernel_backend=...)`; the modules read it on every call.
+    kernel_backend = "auto"
 
     def __init__(
         self,
@@ -65,7 +66,6 @@ class HoneybeeProjectorConfig(PretrainedConfig):
         num_eos_tokens=0,
         pos_emb=True,
         feature_layer_index=-1,
-        kernel_backend="auto",
         initializer_range=0.02,
         hidden_size=1024,
         depth=3,
@@ -84,6 +84,14 @@ class HoneybeeProjectorConfig(PretrainedConfig):
         pooled_v_target="query",
         **kwargs,
     ):
+        # Configs saved before the backend became runtime state carry it; a saved value must not force a backend
+        # (which the loading machine may lack) on whoever loads the folder.
+        saved_backend = kwargs.pop("kernel_backend", "auto")
+        if saved_backend != "auto":
+            logger.warning(
+                f"HoneybeeProjectorConfig ignores kernel_backend={saved_backend!r}: the kernel backend is not part of "
+                "the config; pick it with model.set_kernel_backend(...) or from_pretrained(..., kernel_backend=...)"
+            )
         unknown = sorted(set(kwargs) - _GENERIC_CONFIG_KEYS - {"model_type"})
         if unknown:
             logger.warning(f"HoneybeeProjectorConfig ignores unknown keys {unknown}")
@@ -92,7 +100,6 @@ class HoneybeeProjectorConfig(PretrainedConfig):
         self.num_eos_tokens = num_eos_tokens
         self.pos_emb = pos_emb
         self.feature_layer_index = feature_layer_index
-        self.kernel_backend = kernel_backend
         self.initializer_range = initializer_range
         self.hidden_size = hidden_size
         self.depth = depth
@@ -112,6 +119,11 @@ class HoneybeeProjectorConfig(PretrainedConfig):
         super().__init__(**kwargs)
         self.validate()
 
+    def to_dict(self):
+        output = super().to_dict()
+        output.pop("kernel_backend", None)  # runtime state (see above)
+        return output
+
     def validate(self):
         _require(
             self.projector_type in PROJECTOR_TYPES,
@@ -130,10 +142,6 @@ class HoneybeeProjectorConfig(PretrainedConfig):
             isinstance(self.feature_layer_index, int),
             f"feature_layer_index must be one int (multi-layer features are not supported), got "
             f"{self.feature_layer_index!r}",
-        )
-        _require(
-            self.kernel_backend in KERNEL_BACKENDS,
-            f"kernel_backend must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}",
         )
         if self.projector_type == "c-abs":
             _require(self.hidden_size > 0, f"hidden_size must be > 0, got {self.hidden_size}")

@@ -27,8 +27,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .configuration_honeybee import HoneybeeConfig
-from .kernels_honeybee import adaptive_avg_pool, cabs_dwconv_block, ln_residual_silu, ln_residual_silu_pool, msda
+from .configuration_honeybee import HoneybeeConfig, HoneybeeProjectorConfig
+from .kernels_cabstractor import adaptive_avg_pool, cabs_dwconv_block, ln_residual_silu, ln_residual_silu_pool
+from .kernels_common import check_kernel_backend
+from .kernels_msda import msda
 
 
 @dataclass
@@ -189,9 +191,9 @@ class HoneybeeSqueezeExcite(nn.Module):
 class HoneybeeBottleneck(GradientCheckpointingLayer):
     """RegNet-Y bottleneck, stride 1, group width 1 (depthwise), SE, LayerNorm instead of BatchNorm."""
 
-    def __init__(self, in_channels, out_channels, kernel_backend):
+    def __init__(self, in_channels, out_channels, config):
         super().__init__()
-        self.kernel_backend = kernel_backend
+        self.config = config  # read per call: `config.kernel_backend` is runtime state (set_kernel_backend)
         self.conv1 = HoneybeeConvNormAct(in_channels, out_channels)
         self.conv2 = HoneybeeConvNormAct(out_channels, out_channels, kernel_size=3, groups=out_channels)
         self.se = HoneybeeSqueezeExcite(out_channels, round(in_channels * 0.25))
@@ -214,26 +216,26 @@ class HoneybeeBottleneck(GradientCheckpointingLayer):
             c2.bn.weight,
             c2.bn.bias,
             c1.bn.eps,
-            backend=self.kernel_backend,
+            backend=self.config.kernel_backend,
         )
         y = y * self.se(mean.to(y.dtype))[:, None]  # channel gates broadcast over tokens
         y, ln = c3.linear(y), c3.bn
         if pool_to is None:
-            return ln_residual_silu(y, ln.weight, ln.bias, shortcut, ln.eps, backend=self.kernel_backend)
+            return ln_residual_silu(y, ln.weight, ln.bias, shortcut, ln.eps, backend=self.config.kernel_backend)
         # the pool reads this block's output straight from registers: the full-resolution map is never written
         return ln_residual_silu_pool(
-            y, ln.weight, ln.bias, shortcut, ln.eps, h, w, pool_to, pool_to, backend=self.kernel_backend
+            y, ln.weight, ln.bias, shortcut, ln.eps, h, w, pool_to, pool_to, backend=self.config.kernel_backend
         )
 
 
 class HoneybeeRegStage(nn.Module):
     """`depth` bottlenecks named b1..b{depth}; only b1 changes the width."""
 
-    def __init__(self, depth, in_channels, out_channels, kernel_backend):
+    def __init__(self, depth, in_channels, out_channels, config):
         super().__init__()
         for i in range(depth):
             self.add_module(
-                f"b{i + 1}", HoneybeeBottleneck(in_channels if i == 0 else out_channels, out_channels, kernel_backend)
+                f"b{i + 1}", HoneybeeBottleneck(in_channels if i == 0 else out_channels, out_channels, config)
             )
 
     def forward(self, x, h, w, pool_to=None):
@@ -250,12 +252,12 @@ class HoneybeeAdaptivePool(nn.Module):
     With depth > 0 the pool runs fused into the first stage's last block; this module then only holds the size.
     """
 
-    def __init__(self, side, kernel_backend):
+    def __init__(self, side, config):
         super().__init__()
-        self.side, self.kernel_backend = side, kernel_backend
+        self.side, self.config = side, config
 
     def forward(self, x, h, w):  # (B, h*w, C) -> (B, side*side, C)
-        return adaptive_avg_pool(x, h, w, self.side, self.side, backend=self.kernel_backend)
+        return adaptive_avg_pool(x, h, w, self.side, self.side, backend=self.config.kernel_backend)
 
 
 def _readout_mlp(in_features, out_features, depth):
@@ -275,14 +277,13 @@ class HoneybeeCAbstractor(nn.Module):
     def __init__(self, config, num_input_tokens, encoder_hidden_size, output_hidden_size):
         super().__init__()
         Cv, Ch, D = encoder_hidden_size, config.hidden_size, output_hidden_size
-        backend = config.kernel_backend
         self.grid = math.isqrt(num_input_tokens)
         self.prenorm = nn.LayerNorm(Cv, eps=1e-6) if config.prenorm else nn.Identity()
         self.pos_emb = nn.Parameter(torch.zeros(1, num_input_tokens, Cv)) if config.pos_emb else None
-        pool = HoneybeeAdaptivePool(math.isqrt(config.num_query_tokens), backend)
+        pool = HoneybeeAdaptivePool(math.isqrt(config.num_query_tokens), config)
         if config.depth > 0:
             self.net = nn.ModuleList(
-                [HoneybeeRegStage(config.depth, Cv, Ch, backend), pool, HoneybeeRegStage(config.depth, Ch, Ch, backend)]
+                [HoneybeeRegStage(config.depth, Cv, Ch, config), pool, HoneybeeRegStage(config.depth, Ch, Ch, config)]
             )
         else:
             self.net = nn.ModuleList([pool])
@@ -330,9 +331,9 @@ class HoneybeeMultiscaleDeformableAttention(nn.Module):
     """Deformable attention (Deformable DETR eq. 2): each query reads P bilinear samples per head around its
     reference point, at learned offsets, mixed by learned weights. One feature level (see the config)."""
 
-    def __init__(self, d_model, num_heads, num_points, kernel_backend):
+    def __init__(self, d_model, num_heads, num_points, config):
         super().__init__()
-        self.num_heads, self.num_points, self.kernel_backend = num_heads, num_points, kernel_backend
+        self.num_heads, self.num_points, self.config = num_heads, num_points, config
         self.sampling_offsets = nn.Linear(d_model, num_heads * num_points * 2)
         self.attention_weights = nn.Linear(d_model, num_heads * num_points)
         self.value_proj = nn.Linear(d_model, d_model)
@@ -345,7 +346,7 @@ class HoneybeeMultiscaleDeformableAttention(nn.Module):
         offsets = self.sampling_offsets(queries).view(B, M, nh, 1, P, 2)
         logits = self.attention_weights(queries).view(B, M, nh, P)
         locations = reference_points[:, :, None, None, None, :] + offsets / grid  # (B, M, nh, 1, P, 2), (x, y)
-        out = msda(value, [(grid, grid)], locations, logits, backend=self.kernel_backend)  # (B, M, C)
+        out = msda(value, [(grid, grid)], locations, logits, backend=self.config.kernel_backend)  # (B, M, C)
         return self.output_proj(out)
 
 
@@ -359,7 +360,7 @@ class HoneybeeDeformableDecoderLayer(GradientCheckpointingLayer):
         self.self_attn = HoneybeeSelfAttention(C, config.decoder_attention_heads, config.attention_dropout)
         self.self_attn_layer_norm = nn.LayerNorm(C)
         self.encoder_attn = HoneybeeMultiscaleDeformableAttention(
-            C, config.decoder_attention_heads, config.decoder_n_points, config.kernel_backend
+            C, config.decoder_attention_heads, config.decoder_n_points, config
         )
         self.encoder_attn_layer_norm = nn.LayerNorm(C)
         self.fc1 = nn.Linear(C, config.decoder_ffn_dim)
@@ -395,7 +396,7 @@ class HoneybeeDAbstractor(nn.Module):
         super().__init__()
         C, M = config.d_model, config.num_query_tokens
         self.grid = math.isqrt(num_input_tokens)
-        self.pooled_v_target, self.kernel_backend = config.pooled_v_target, config.kernel_backend
+        self.pooled_v_target, self.config = config.pooled_v_target, config
         self.input_proj = nn.ModuleList(
             [nn.Linear(encoder_hidden_size, C) if encoder_hidden_size != C else nn.Identity()]
         )
@@ -414,7 +415,8 @@ class HoneybeeDAbstractor(nn.Module):
         if self.pooled_v_target == "none":
             return learned.split(C, dim=-1)
         side = math.isqrt(learned.shape[1])
-        pooled = adaptive_avg_pool(values, self.grid, self.grid, side, side, backend=self.kernel_backend)  # (B, M, C)
+        backend = self.config.kernel_backend
+        pooled = adaptive_avg_pool(values, self.grid, self.grid, side, side, backend=backend)  # (B, M, C)
         return (pooled, learned) if self.pooled_v_target == "query" else (learned, pooled)
 
     def forward(self, x):  # (B, N, Cv)
@@ -506,7 +508,7 @@ class HoneybeeForConditionalGeneration(HoneybeePreTrainedModel, GenerationMixin)
         >>> processor.batch_decode(answer, skip_special_tokens=True)
     """
 
-    def __init__(self, config: HoneybeeConfig):
+    def __init__(self, config: HoneybeeConfig, kernel_backend=None):
         super().__init__(config)
         vc, pc = config.vision_config, config.projector_config
         self.vision_model = HoneybeeVisionModel(vc)
@@ -519,6 +521,21 @@ class HoneybeeForConditionalGeneration(HoneybeePreTrainedModel, GenerationMixin)
             # The official D-Abstractor always ran in fp32: half-precision loads (dtype=...) keep it there.
             # Set after post_init, which resets this attribute from the class on transformers 4 and 5.
             self._keep_in_fp32_modules_strict = {"abstractor"}
+        if kernel_backend is not None:  # from_pretrained(..., kernel_backend=...) arrives here
+            self.set_kernel_backend(kernel_backend)
+
+    def set_kernel_backend(self, backend):
+        """Pick the projector's fused-op implementation from now on, as `set_attn_implementation` picks attention:
+        "auto" (the default: the Triton kernels for CUDA tensors when Triton imports, else PyTorch), "triton"
+        (always the kernels; a forward where they cannot run raises and says why) or "torch" (always the PyTorch
+        reference; the same numbers). Runtime state, like the attention implementation: config.json never saves it.
+        """
+        check_kernel_backend(backend)
+        # The model's projector config, and the copies PEFT's `modules_to_save` deep-copies along with the abstractor.
+        for module in self.modules():
+            if isinstance(getattr(module, "config", None), HoneybeeProjectorConfig):
+                module.config.kernel_backend = backend
+        self.config.projector_config.kernel_backend = backend
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()

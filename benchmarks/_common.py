@@ -16,6 +16,7 @@ import datetime
 import importlib
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import os
 import platform
 import statistics
@@ -109,6 +110,16 @@ def import_timm():
 # ---------------------------------------------------------------------------------------------------------
 # the run header
 # ---------------------------------------------------------------------------------------------------------
+
+
+def import_package_module(name):
+    """`honeybee_hf.<name>`. Where the package is not installed (a bare GPU box), the repository root is registered
+    as the package `honeybee_hf` first: its flat modules import each other relatively, as on the Hub."""
+    if importlib.util.find_spec("honeybee_hf") is None:
+        package = importlib.util.module_from_spec(importlib.machinery.ModuleSpec("honeybee_hf", None, is_package=True))
+        package.__path__ = [str(REPO)]
+        sys.modules["honeybee_hf"] = package
+    return importlib.import_module(f"honeybee_hf.{name}")
 
 
 def _cpu_name():

@@ -41,26 +41,19 @@ both are given.
 """
 
 import argparse
-import importlib.util
 import math
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
+import _common as C
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-try:
-    from honeybee_hf.kernels import ops
-except ImportError:  # package not installed (a bare GPU box): the flat Hub copy at the repo root has the same API
-    _spec = importlib.util.spec_from_file_location(
-        "kernels_honeybee", Path(__file__).resolve().parents[1] / "kernels_honeybee.py"
-    )
-    ops = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(ops)
+cabstractor = C.import_package_module("kernels_cabstractor")
+msda = C.import_package_module("kernels_msda")
 
 EPS = 1e-5  # timm LayerNormAct2d, as in the Honeybee RegStages
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -97,7 +90,7 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Linear(C, C, bias=False)
 
     def forward(self, x, h, w, pool_to=None):  # x (B, h*w, C)
-        y, se = ops.cabs_dwconv_block(
+        y, se = cabstractor.cabs_dwconv_block(
             self.conv1(x),
             h,
             w,
@@ -112,8 +105,8 @@ class Bottleneck(nn.Module):
         scale = torch.sigmoid(self.fc2(F.silu(self.fc1(se.to(y.dtype)))))  # (B, C)
         y = self.conv3(y * scale[:, None, :])
         if pool_to is None:
-            return ops.ln_residual_silu(y, self.ln3.weight, self.ln3.bias, x, EPS, backend=self.backend)
-        return ops.ln_residual_silu_pool(
+            return cabstractor.ln_residual_silu(y, self.ln3.weight, self.ln3.bias, x, EPS, backend=self.backend)
+        return cabstractor.ln_residual_silu_pool(
             y, self.ln3.weight, self.ln3.bias, x, EPS, h, w, pool_to, pool_to, backend=self.backend
         )
 
@@ -142,7 +135,7 @@ class MSDA(nn.Module):
         self.shapes, self.backend = [(config.h, config.h)], backend
 
     def forward(self, value, loc, logits):
-        return ops.msda(value, self.shapes, loc, logits, backend=self.backend)
+        return msda.msda(value, self.shapes, loc, logits, backend=self.backend)
 
 
 @dataclass

@@ -156,7 +156,8 @@ def build_cabs(backend):
     checkpoint = official.state_dict()  # official key names
     ours = {}
     for b in backend:
-        config = HoneybeeProjectorConfig(projector_type="c-abs", num_query_tokens=QUERIES, pos_emb=True, kernel_backend=b, **CABS)
+        config = HoneybeeProjectorConfig(projector_type="c-abs", num_query_tokens=QUERIES, pos_emb=True, **CABS)
+        config.kernel_backend = b  # runtime state (what model.set_kernel_backend sets)
         model = HoneybeeCAbstractor(config, N, VISION_WIDTH, LM_WIDTH)
         model.load_state_dict(map_official_abstractor(checkpoint, model.state_dict()), strict=True)
         ours[b] = model
@@ -172,7 +173,8 @@ def build_dabs(backend, attn_implementations):
     ours = {}
     checkpoint = None
     for b in backend:
-        config = HoneybeeProjectorConfig(projector_type="d-abs", num_query_tokens=QUERIES, pos_emb=True, kernel_backend=b, **DABS)
+        config = HoneybeeProjectorConfig(projector_type="d-abs", num_query_tokens=QUERIES, pos_emb=True, **DABS)
+        config.kernel_backend = b  # runtime state (what model.set_kernel_backend sets)
         model = HoneybeeDAbstractor(config, N, VISION_WIDTH, LM_WIDTH)
         if checkpoint is None:
             checkpoint = randomise_(model, seed=2).state_dict()  # 4.38 = official = our key names

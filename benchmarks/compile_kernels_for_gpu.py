@@ -8,27 +8,21 @@ The CPU test suite runs the kernels under Triton's interpreter, which accepts co
 """
 
 import argparse
-import importlib.util
 import os
 import re
 import subprocess
 import tempfile
 import time
-from pathlib import Path
 
+import _common
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction
 
-try:
-    from honeybee_hf.kernels import cabstractor, common, msda
-except ImportError:  # package not installed: the flat Hub copy at the repo root holds the same functions
-    _spec = importlib.util.spec_from_file_location(
-        "kernels_honeybee", Path(__file__).resolve().parents[1] / "kernels_honeybee.py"
-    )
-    cabstractor = common = msda = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(msda)
+cabstractor = _common.import_package_module("kernels_cabstractor")
+common = _common.import_package_module("kernels_common")
+msda = _common.import_package_module("kernels_msda")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 POINTER_TYPES = {

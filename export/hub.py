@@ -14,11 +14,11 @@ import uuid
 from pathlib import Path
 
 from transformers import GenerationConfig
+from transformers.dynamic_module_utils import get_relative_import_files
 
 from .tokenizer import save_tokenizer_files
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
-CODE_FILES = ["configuration_honeybee.py", "modeling_honeybee.py", "processing_honeybee.py", "kernels_honeybee.py"]
 MODEL_CLASS = "modeling_honeybee.HoneybeeForConditionalGeneration"
 AUTO_MAP = {
     "AutoConfig": "configuration_honeybee.HoneybeeConfig",
@@ -36,6 +36,18 @@ CUSTOM_PIPELINES = {
         "type": "multimodal",
     }
 }
+
+
+def _code_files():
+    """The remote code a Hub folder needs: the modules auto_map and the pipeline name, and every flat module they
+    import, found the way transformers' loader finds them."""
+    classes = [*AUTO_MAP.values(), *(pipeline["impl"] for pipeline in CUSTOM_PIPELINES.values())]
+    entry = {f"{path.split('.')[0]}.py" for path in classes}
+    imported = {Path(f).name for name in entry for f in get_relative_import_files(PACKAGE_DIR / name)}
+    return sorted(entry | imported)
+
+
+CODE_FILES = _code_files()
 
 
 def _patch_json(path, update):

@@ -11,14 +11,8 @@ if "TRITON_INTERPRET" not in os.environ:
     except ImportError:
         pass
 
-# A custom op is registered once per process, by whichever copy of the kernels imports first (the package, or a
-# Hub folder's kernels_honeybee.py). Register the package's first, so tests that patch it patch what runs.
-import honeybee_hf.kernels.ops  # noqa: E402, F401
-
-
 import itertools
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest

@@ -1,24 +1,36 @@
-"""The kernel dispatch (kernels/ops.py), the `honeybee::` custom ops (opcheck, torch.compile) and the coexistence of
-the package kernels with their flat Hub copy `kernels_honeybee.py` in one process.
+"""The kernel entry points' dispatch (`use_triton`), the kernel backend as runtime state of a model, the op
+namespaces, the custom ops (opcheck, torch.compile), and the remote-code layout of the kernel files.
 
-The dispatch tests that need no kernel also run without Triton (the tf4 environment); the rest skip there.
+The tests that need no kernel also run without Triton (the tf4 environment); the rest skip there.
 """
 
 import importlib.util
+import json
 import os
+import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from transformers.dynamic_module_utils import get_imports, get_relative_imports
 
-from honeybee_hf.kernels import common, ops
-from honeybee_hf.kernels.reference import msda_reference
+import honeybee_hf.kernels_cabstractor as cabstractor
+import honeybee_hf.kernels_common as common
+import honeybee_hf.kernels_msda as msda_module
+from conftest import REPO
+from honeybee_hf.configuration_honeybee import HoneybeeProjectorConfig
+from honeybee_hf.export.hub import CODE_FILES
+from honeybee_hf.export.tiny import tiny_config, tiny_model
+from kernel_helpers import DEVICE, needs_triton
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(not common.HAS_TRITON, reason="needs triton")
+TRITON_ENTRY_POINTS = [
+    (msda_module, "msda_triton"),
+    (cabstractor, "cabs_dwconv_block_triton"),
+    (cabstractor, "ln_residual_silu_triton"),
+    (cabstractor, "ln_residual_silu_pool_triton"),
+    (cabstractor, "adaptive_avg_pool_triton"),
+]
 
 
 def msda_inputs(B=1, h=4, w=5, nh=2, hd=8, Q=6, P=2, dtype=torch.float32, seed=0):
@@ -29,41 +41,37 @@ def msda_inputs(B=1, h=4, w=5, nh=2, hd=8, Q=6, P=2, dtype=torch.float32, seed=0
     return [t.to(DEVICE) for t in (value, loc, logits)], [(h, w)]
 
 
+def no_kernel(*args):
+    raise AssertionError("a Triton kernel ran where the PyTorch reference should")
+
+
 # ---- dispatch ----------------------------------------------------------------------------------------------
 
 
 def test_unknown_backend_raises():
     (value, loc, logits), shapes = msda_inputs()
     with pytest.raises(ValueError, match="kernel_backend must be one of"):
-        ops.msda(value, shapes, loc, logits, backend="cuda")
+        msda_module.msda(value, shapes, loc, logits, backend="cuda")
 
 
 def test_torch_backend_is_the_reference():
     (value, loc, logits), shapes = msda_inputs()
     assert torch.equal(
-        ops.msda(value, shapes, loc, logits, backend="torch"), msda_reference(value, shapes, loc, logits)
+        msda_module.msda(value, shapes, loc, logits, backend="torch"),
+        msda_module.msda_reference(value, shapes, loc, logits),
     )
 
 
 def test_auto_takes_the_reference_on_cpu(monkeypatch):
-    def no_kernel(*args):
-        raise AssertionError("the Triton kernel ran for CPU tensors under backend='auto'")
-
-    for name in (
-        "msda_triton",
-        "cabs_dwconv_block_triton",
-        "ln_residual_silu_triton",
-        "ln_residual_silu_pool_triton",
-        "adaptive_avg_pool_triton",
-    ):
-        monkeypatch.setattr(ops, name, no_kernel)
+    for module, name in TRITON_ENTRY_POINTS:
+        monkeypatch.setattr(module, name, no_kernel)
     (value, loc, logits), shapes = msda_inputs(dtype=torch.float32)
-    ops.msda(value.cpu(), shapes, loc.cpu(), logits.cpu())
+    msda_module.msda(value.cpu(), shapes, loc.cpu(), logits.cpu())
     x = torch.randn(2, 12, 8)
-    ops.adaptive_avg_pool(x, 3, 4, 2, 2)
-    ops.ln_residual_silu(x, torch.ones(8), torch.zeros(8), x, 1e-5)
-    ops.ln_residual_silu_pool(x, torch.ones(8), torch.zeros(8), x, 1e-5, 3, 4, 2, 2)
-    ops.cabs_dwconv_block(
+    cabstractor.adaptive_avg_pool(x, 3, 4, 2, 2)
+    cabstractor.ln_residual_silu(x, torch.ones(8), torch.zeros(8), x, 1e-5)
+    cabstractor.ln_residual_silu_pool(x, torch.ones(8), torch.zeros(8), x, 1e-5, 3, 4, 2, 2)
+    cabstractor.cabs_dwconv_block(
         x, 3, 4, torch.ones(8), torch.zeros(8), torch.randn(8, 1, 3, 3), torch.ones(8), torch.zeros(8), 1e-5
     )
 
@@ -71,14 +79,14 @@ def test_auto_takes_the_reference_on_cpu(monkeypatch):
 def test_triton_backend_without_triton_says_so(monkeypatch):
     monkeypatch.setattr(common, "HAS_TRITON", False)
     with pytest.raises(RuntimeError, match="Triton is not installed"):
-        ops.use_triton("triton", torch.zeros(1))
+        common.use_triton("triton", torch.zeros(1))
 
 
 @needs_triton
 def test_triton_backend_on_cpu_without_interpreter_says_so(monkeypatch):
     monkeypatch.setattr(common, "KERNELS_INTERPRETED", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        ops.use_triton("triton", torch.zeros(1))
+        common.use_triton("triton", torch.zeros(1))
 
 
 @needs_triton
@@ -86,9 +94,9 @@ def test_triton_backend_on_cpu_without_interpreter_in_a_fresh_process():
     """The real case: TRITON_INTERPRET unset when the kernels are imported, no GPU."""
     code = (
         "import torch\n"
-        "from honeybee_hf.kernels import ops\n"
+        "from honeybee_hf.kernels_cabstractor import adaptive_avg_pool\n"
         "try:\n"
-        "    ops.adaptive_avg_pool(torch.zeros(1, 4, 2), 2, 2, 1, 1, backend='triton')\n"
+        "    adaptive_avg_pool(torch.zeros(1, 4, 2), 2, 2, 1, 1, backend='triton')\n"
         "except RuntimeError as e:\n"
         "    print(e)\n"
     )
@@ -105,39 +113,132 @@ def test_triton_backend_matches_torch_backend():
     torch.manual_seed(0)
     (value, loc, logits), shapes = msda_inputs()
     torch.testing.assert_close(
-        ops.msda(value, shapes, loc, logits, backend="triton"), ops.msda(value, shapes, loc, logits, backend="torch")
+        msda_module.msda(value, shapes, loc, logits, backend="triton"),
+        msda_module.msda(value, shapes, loc, logits, backend="torch"),
     )
     x, r = torch.randn(2, 12, 8, device=DEVICE), torch.randn(2, 12, 8, device=DEVICE)
     weight, bias = torch.rand(8, device=DEVICE) + 0.5, torch.randn(8, device=DEVICE)
     dw = torch.randn(8, 1, 3, 3, device=DEVICE)
     calls = [
-        lambda backend: ops.adaptive_avg_pool(x, 3, 4, 2, 3, backend=backend),
-        lambda backend: ops.ln_residual_silu(x, weight, bias, r, 1e-5, backend=backend),
-        lambda backend: ops.ln_residual_silu_pool(x, weight, bias, r, 1e-5, 3, 4, 2, 3, backend=backend),
-        lambda backend: ops.cabs_dwconv_block(x, 3, 4, weight, bias, dw, weight, bias, 1e-5, backend=backend),
+        lambda backend: cabstractor.adaptive_avg_pool(x, 3, 4, 2, 3, backend=backend),
+        lambda backend: cabstractor.ln_residual_silu(x, weight, bias, r, 1e-5, backend=backend),
+        lambda backend: cabstractor.ln_residual_silu_pool(x, weight, bias, r, 1e-5, 3, 4, 2, 3, backend=backend),
+        lambda backend: cabstractor.cabs_dwconv_block(x, 3, 4, weight, bias, dw, weight, bias, 1e-5, backend=backend),
     ]
     for call in calls:
         torch.testing.assert_close(call("triton"), call("torch"), rtol=1e-5, atol=1e-5)
 
 
-# ---- two copies of the kernels in one process ------------------------------------------------------------
+# ---- the kernel backend: runtime state of a model, never saved -------------------------------------------------
+
+
+def count_kernel_calls(monkeypatch):
+    """Replace every Triton entry point by a counter that raises nothing and returns the reference's result."""
+    calls = []
+    for module, name in TRITON_ENTRY_POINTS:
+        reference = getattr(module, name.replace("_triton", "_reference"))
+        monkeypatch.setattr(module, name, lambda *args, _ref=reference: calls.append(1) or _ref(*args))
+    return calls
+
+
+def projector_and_features(projector_type):
+    model = tiny_model(tiny_config(projector_type))
+    features = torch.randn(1, model.config.vision_grid**2, model.config.vision_config.hidden_size)
+    pc = model.config.projector_config
+    # C-Abstractor: 2 stages x depth blocks x 2 fused ops; D-Abstractor: the pooled queries + one msda per layer
+    fused_calls = 4 * pc.depth if projector_type == "c-abs" else 1 + pc.decoder_layers
+    return model, features, fused_calls
+
+
+@pytest.mark.parametrize("projector_type", ["c-abs", "d-abs"])
+def test_set_kernel_backend_switches_every_fused_op_at_once(monkeypatch, projector_type):
+    for module in (msda_module, cabstractor):  # the kernels are counted, not run: no Triton needed
+        monkeypatch.setattr(module, "use_triton", lambda backend, *tensors: backend == "triton")
+    calls = count_kernel_calls(monkeypatch)
+    model, features, expected_calls = projector_and_features(projector_type)
+    with torch.no_grad():
+        reference = model.abstractor(features)
+        assert calls == []  # "auto" on CPU tensors: the reference
+        model.set_kernel_backend("triton")
+        assert model.abstractor(features).equal(reference)
+        assert len(calls) == expected_calls
+        model.set_kernel_backend("torch")
+        model.abstractor(features)
+    assert len(calls) == expected_calls
+    with pytest.raises(ValueError, match="kernel_backend must be one of"):
+        model.set_kernel_backend("cuda")
+
+
+def test_set_kernel_backend_reaches_the_abstractor_copy_peft_trains(monkeypatch):
+    peft = pytest.importorskip("peft")
+    for module in (msda_module, cabstractor):
+        monkeypatch.setattr(module, "use_triton", lambda backend, *tensors: backend == "triton")
+    calls = count_kernel_calls(monkeypatch)
+    model, features, expected_calls = projector_and_features("c-abs")
+    lora = peft.LoraConfig(r=2, target_modules=r".*language_model.*\.q_proj", modules_to_save=["abstractor"])
+    model = peft.get_peft_model(model, lora)
+    model.set_kernel_backend("triton")  # after PEFT deep-copied the abstractor into its wrapper
+    with torch.no_grad():
+        model.base_model.model.abstractor(features)  # the wrapper runs the trainable copy
+    assert len(calls) == expected_calls
+
+
+def test_kernel_backend_is_never_saved_and_old_configs_load(tmp_path):
+    model = tiny_model(tiny_config("d-abs"))
+    model.set_kernel_backend("torch")
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "kernel_backend" not in saved["projector_config"] and "kernel_backend" not in saved
+    # a folder written before the backend became runtime state: its "triton" must not force Triton on the loader
+    saved["projector_config"]["kernel_backend"] = "triton"
+    old = HoneybeeProjectorConfig(**saved["projector_config"])
+    assert old.kernel_backend == "auto" and "kernel_backend" not in old.to_dict()
+    assert HoneybeeProjectorConfig(kernel_backend="auto").kernel_backend == "auto"
+
+
+def test_from_pretrained_keyword_sets_the_backend(tmp_path):
+    tiny_model(tiny_config("c-abs")).save_pretrained(tmp_path)
+    loaded = type(tiny_model(tiny_config("c-abs"))).from_pretrained(tmp_path, kernel_backend="torch")
+    assert loaded.config.projector_config.kernel_backend == "torch"
+    assert all(m.config.kernel_backend == "torch" for m in loaded.abstractor.modules() if hasattr(m, "config"))
+
+
+# ---- where the kernel files live and which ops they register ---------------------------------------------------
+
+
+def test_hub_code_files_are_flat_modules_that_guard_triton():
+    """transformers' remote-code loader maps `from .x import` to a file x.py next to the model, and refuses to
+    load when an unguarded import is missing (CI's transformers 4 environment has no triton). The Hub writer's
+    list holds every module the entry files import."""
+    assert {"kernels_common.py", "kernels_msda.py", "kernels_cabstractor.py"} <= set(CODE_FILES)
+    for name in CODE_FILES:
+        for module in get_relative_imports(REPO / name):
+            assert f"{module}.py" in CODE_FILES, f"{name} imports .{module}, which is no flat file of the Hub folder"
+        assert "triton" not in get_imports(REPO / name), f"{name} imports triton outside try/except"
+    # transformers 4.57 copies only the modeling file's *direct* relative imports into a local folder's module
+    assert set(get_relative_imports(REPO / "modeling_honeybee.py")) >= {"kernels_common", "kernels_msda"}
+
+
+def load_copy(folder, module_name):
+    """Import the kernel files in `folder` as the package `module_name` (as transformers' loader would)."""
+    spec = importlib.util.spec_from_loader(module_name, loader=None, is_package=True)
+    package = importlib.util.module_from_spec(spec)
+    package.__path__ = [str(folder)]
+    sys.modules[module_name] = package
+    return importlib.import_module(f"{module_name}.kernels_msda")
 
 
 @needs_triton
-def test_package_and_hub_copy_coexist():
-    """tests load the package kernels and the generated flat Hub module side by side: the second copy must
-    reuse the `honeybee::` ops instead of failing to register them again."""
-    spec = importlib.util.spec_from_file_location("kernels_honeybee_copy_under_test", REPO_ROOT / "kernels_honeybee.py")
-    hub = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hub)
-    assert hub.HAS_TRITON and hub.KERNELS_INTERPRETED == common.KERNELS_INTERPRETED
+def test_identical_kernel_files_share_their_ops(tmp_path):
+    """A second copy of the same bytes (a Hub folder next to the installed package) maps to the same op namespace
+    and reuses the registered ops instead of failing to register them again."""
+    for name in ("kernels_common.py", "kernels_msda.py"):
+        shutil.copyfile(REPO / name, tmp_path / name)
+    copy = load_copy(tmp_path, "honeybee_kernels_identical_copy")
+    assert copy is not msda_module and copy.OP_NAMESPACE == msda_module.OP_NAMESPACE
     (value, loc, logits), shapes = msda_inputs()
     torch.testing.assert_close(
-        hub.msda(value, shapes, loc, logits, backend="triton"), ops.msda(value, shapes, loc, logits, backend="triton")
-    )
-    x = torch.randn(1, 16, 4, device=DEVICE)
-    torch.testing.assert_close(
-        hub.adaptive_avg_pool(x, 4, 4, 3, 3, backend="triton"), ops.adaptive_avg_pool(x, 4, 4, 3, 3, backend="torch")
+        copy.msda(value, shapes, loc, logits, backend="triton"), msda_module.msda_reference(value, shapes, loc, logits)
     )
 
 
@@ -145,7 +246,7 @@ def test_package_and_hub_copy_coexist():
 
 
 def opcheck_cases():
-    from honeybee_hf.kernels.cabstractor import (
+    from honeybee_hf.kernels_cabstractor import (
         adaptive_avg_pool_backward_op,
         adaptive_avg_pool_op,
         cabs_dwconv_block_backward_op,
@@ -153,7 +254,7 @@ def opcheck_cases():
         ln_residual_silu_pool_backward_op,
         ln_residual_silu_pool_op,
     )
-    from honeybee_hf.kernels.msda import msda_backward_op, msda_op
+    from honeybee_hf.kernels_msda import msda_backward_op, msda_op
 
     g = torch.Generator().manual_seed(0)
 
@@ -230,25 +331,26 @@ class TinyProjector(torch.nn.Module):
     def forward(self, x):  # (B, h*w, C)
         B, N, C = x.shape
         n1w, n1b, n2w, n2b, n3w, n3b, n4w, n4b = self.norms
-        t, se = ops.cabs_dwconv_block(
+        t, se = cabstractor.cabs_dwconv_block(
             self.conv1(x), self.h, self.w, n1w, n1b, self.dw, n2w, n2b, 1e-5, backend=self.backend
         )
         t = self.conv3(t * torch.sigmoid(se)[:, None, :].to(t.dtype))
-        pooled = ops.ln_residual_silu_pool(
+        pooled = cabstractor.ln_residual_silu_pool(
             t, n3w, n3b, x, 1e-5, self.h, self.w, self.out, self.out, backend=self.backend
         )
-        query = ops.ln_residual_silu(
+        query = cabstractor.ln_residual_silu(
             pooled,
             n4w,
             n4b,
-            ops.adaptive_avg_pool(x, self.h, self.w, self.out, self.out, backend=self.backend),
+            cabstractor.adaptive_avg_pool(x, self.h, self.w, self.out, self.out, backend=self.backend),
             1e-5,
             backend=self.backend,
         )
         M = self.out * self.out
         loc = torch.sigmoid(self.loc(query)).view(B, M, self.nh, 1, self.P, 2)  # (B, M, nh, L=1, P, 2)
         logits = self.logits(query).view(B, M, self.nh, self.P)
-        return ops.msda(x.view(B, N, self.nh, C // self.nh), [(self.h, self.w)], loc, logits, backend=self.backend)
+        value = x.view(B, N, self.nh, C // self.nh)
+        return msda_module.msda(value, [(self.h, self.w)], loc, logits, backend=self.backend)
 
 
 def run_and_grad(model, x):

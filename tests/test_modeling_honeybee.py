@@ -227,7 +227,6 @@ def test_wrong_inputs_get_clear_errors():
         ({"projector_type": "d-abs", "pooled_v_target": "key"}, "pooled_v_target must be one of"),
         ({"projector_type": "d-abs", "num_feature_levels": 2}, "num_feature_levels must be 1"),
         ({"projector_type": "d-abs", "d_model": 30, "decoder_attention_heads": 8}, "divisible"),
-        ({"kernel_backend": "cuda"}, "kernel_backend must be one of"),
         ({"feature_layer_index": [-1, -2]}, "one int"),
         ({"mlp_depth": 0}, "mlp_depth"),
     ],

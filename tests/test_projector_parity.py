@@ -41,9 +41,8 @@ def official_state_dict(tensors):
 def build_abstractor(meta):
     """Our abstractor, randomly initialised, from the official projector_config of a fixture."""
     official = meta["projector_config"]
-    config = HoneybeeProjectorConfig(
-        **{k: v for k, v in official.items() if k in _CONFIG_FIELDS}, kernel_backend="torch"
-    )
+    config = HoneybeeProjectorConfig(**{k: v for k, v in official.items() if k in _CONFIG_FIELDS})
+    config.kernel_backend = "torch"  # runtime state, as model.set_kernel_backend sets it
     cls = HoneybeeCAbstractor if config.projector_type == "c-abs" else HoneybeeDAbstractor
     model = cls(config, meta["num_input_tokens"], official["encoder_hidden_size"], official["output_hidden_size"])
     return model.eval()

@@ -1,8 +1,17 @@
-"""What the Triton kernel modules share: the guarded Triton import, dtype rules, output allocation, op registration.
+"""What the projector kernel modules share: the guarded Triton import, the backend rule (which path an op takes),
+dtype rules, output allocation and custom-op registration.
 
-Triton is optional (the tf4 test environment and CPU-only installs have none). Without it the kernels below
-still *define* (against a stand-in `triton`/`tl`), but nothing launches them: `ops.py` takes the references.
+The kernels are flat modules next to `modeling_honeybee.py` (`kernels_msda.py`, `kernels_cabstractor.py`, this
+one), so the package and every Hub folder run the same files: transformers' remote-code loader follows relative
+imports between flat sibling files, never into a sub-package.
+
+Triton is optional (the tf4 test environment and CPU-only installs have none). Without it the kernels still
+*define* (against a stand-in `triton`/`tl`), but nothing launches them: every op takes its PyTorch reference.
 """
+
+import hashlib
+import os
+from pathlib import Path
 
 import torch
 
@@ -40,16 +49,25 @@ KERNELS_INTERPRETED = HAS_TRITON and type(_interpreter_probe).__name__ == "Inter
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Tests set this to fill every kernel output with NaN before launch, so an element a kernel forgets to store
-# shows up as NaN instead of as whatever `torch.empty` happened to return.
-POISON_OUTPUTS = False
+# Tests set this environment variable to "1" to fill every kernel output with NaN before launch, so an element a
+# kernel forgets to store shows up as NaN instead of as whatever `torch.empty` happened to return. An environment
+# variable, read per call, reaches whichever copy of these files registered the ops.
+POISON_OUTPUTS_ENV = "HONEYBEE_POISON_KERNEL_OUTPUTS"
 
 
 def new_output(shape, dtype, device):
     """Allocate a tensor that a kernel writes completely (no atomics into it)."""
-    if POISON_OUTPUTS:
+    if os.environ.get(POISON_OUTPUTS_ENV) == "1":
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+KERNEL_BACKENDS = ("auto", "triton", "torch")
+
+
+def check_kernel_backend(backend):
+    if backend not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
 
 
 def kernels_unavailable_reason(device):
@@ -62,10 +80,28 @@ def kernels_unavailable_reason(device):
         return (
             "the tensors are on the CPU, where Triton kernels only run under Triton's interpreter, and "
             "TRITON_INTERPRET=1 was not set when the kernels were imported (Triton reads it when `@triton.jit` "
-            "decorates). Set TRITON_INTERPRET=1 in the environment before importing honeybee_hf.kernels or "
-            "kernels_honeybee (slow: meant for tests), move the tensors to a GPU, or use backend='torch'"
+            "decorates). Set TRITON_INTERPRET=1 in the environment before importing the model or its kernels "
+            "(slow: meant for tests), move the tensors to a GPU, or use backend='torch'"
         )
     return f"Triton kernels do not run on {device.type} tensors; use backend='torch'"
+
+
+def use_triton(backend, *tensors):
+    """Whether an op runs its Triton kernel for these tensors: the one rule every op's entry point follows.
+
+    "torch" never does; "auto" does when Triton imports and the tensors are on a GPU; "triton" always does, and
+    raises (saying why) where the kernels cannot run. Raises on an unknown backend.
+    """
+    check_kernel_backend(backend)
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return HAS_TRITON and all(t.is_cuda for t in tensors)
+    for t in tensors:
+        reason = kernels_unavailable_reason(t.device)
+        if reason is not None:
+            raise RuntimeError(f"kernel_backend='triton' cannot run here: {reason}")
+    return True
 
 
 def check_kernel_inputs(op_name, *tensors):
@@ -79,6 +115,11 @@ def check_kernel_inputs(op_name, *tensors):
             raise TypeError(f"{op_name}: Triton kernel supports {KERNEL_DTYPES}, got a {t.dtype} tensor")
         if t.device != device:
             raise ValueError(f"{op_name}: all tensors must be on one device, got {device} and {t.device}")
+
+
+def accumulation_dtype(t):
+    """fp32 for fp16/bf16/fp32 tensors, fp64 for fp64 ones (so the references double as fp64 references)."""
+    return torch.promote_types(t.dtype, torch.float32)
 
 
 def compute_dtype(*tensors):
@@ -106,19 +147,29 @@ def sm_count(device):
     return _SM_COUNTS[device]
 
 
-def define_custom_op(qualname, impl, fake, backward=None, setup_context=None):
-    """`torch.library.custom_op` that tolerates a second copy of this code in the process.
+def op_namespace(module_file):
+    """`torch.ops` namespace of the custom ops defined in `module_file`: named after a hash of the bytes of that
+    file and of this one, the code behind the ops (as the Kernel Hub's builds do).
 
-    The package module `honeybee_hf.kernels.*` and the flat Hub copy `kernels_honeybee.py` hold the same
-    kernels, and both may be imported in one process; registering one op name twice raises. The second copy
-    therefore reuses the op the first registered (the code behind it is the same).
+    Two copies of the same files in one process (the package and a Hub folder, or two Hub folders at one revision)
+    share their ops by construction; copies that differ by a byte register separate ops, so none runs another's
+    code whatever the import order.
     """
-    namespace, name = qualname.split("::")
+    digest = hashlib.sha256(Path(__file__).read_bytes() + Path(module_file).read_bytes()).hexdigest()
+    return f"honeybee_{digest[:16]}"
+
+
+def define_custom_op(namespace, name, impl, fake, backward=None, setup_context=None):
+    """`torch.library.custom_op` `namespace::name`, or the op already registered under that name.
+
+    The namespace comes from `op_namespace`, so an op registered before was registered by identical code (another
+    copy of these files in the process): reuse it, as registering a name twice raises.
+    """
     try:
         return getattr(getattr(torch.ops, namespace), name)
     except (AttributeError, RuntimeError):
         pass  # not registered yet
-    op = torch.library.custom_op(qualname, impl, mutates_args=())
+    op = torch.library.custom_op(f"{namespace}::{name}", impl, mutates_args=())
     op.register_fake(fake)
     if backward is not None:
         op.register_autograd(backward, setup_context=setup_context)

@@ -1,8 +1,12 @@
-"""Multi-scale deformable attention (Deformable DETR, arXiv 2010.04159, eq. 3) in Triton, softmax fused in.
+"""Multi-scale deformable attention (Deformable DETR, arXiv 2010.04159, eq. 3), softmax fused in: the PyTorch
+reference (the default path, and the specification), the Triton kernels, and `msda`, which picks one.
 
-Semantics are `msda_reference`'s: bilinear sampling with align_corners=False (pixel centres at (i + 0.5) / size,
-so a location `loc` samples at `loc * size - 0.5`), zeros outside the map, a softmax over the L*P logits of each
-(query, head), and fp32 accumulation for fp16/bf16/fp32 inputs (fp64 for fp64 inputs, so gradcheck works).
+Shape letters: B batch, S value tokens, Q queries, nh heads, hd head dim, L levels, P points.
+
+The kernel's semantics are `msda_reference`'s: bilinear sampling with align_corners=False (pixel centres at
+(i + 0.5) / size, so a location `loc` samples at `loc * size - 0.5`), zeros outside the map, a softmax over the L*P
+logits of each (query, head), and fp32 accumulation for fp16/bf16/fp32 inputs (fp64 for fp64 inputs, so gradcheck
+works).
 
 A "row" is one (batch, query, head): the layout of sampling_locations, attention_logits and the output. One
 program owns BLOCK_R consecutive rows and all head-dim channels, so tiles are [BLOCK_R, BLOCK_D]; each row
@@ -14,19 +18,55 @@ like grid_sample's backward).
 """
 
 import torch
+import torch.nn.functional as F
 
-from .common import (
+from .kernels_common import (
     HAS_TRITON,
     KERNELS_INTERPRETED,
+    accumulation_dtype,
     check_kernel_inputs,
     compute_dtype,
     define_custom_op,
     new_output,
     next_pow2,
+    op_namespace,
     sm_count,
     tl,
     triton,
+    use_triton,
 )
+
+OP_NAMESPACE = op_namespace(__file__)
+
+
+def msda_reference(value, spatial_shapes, sampling_locations, attention_logits):
+    """Multi-scale deformable attention (Deformable DETR, arXiv 2010.04159, eq. 3) with the softmax fused in.
+
+    value:              (B, S, nh, hd), S = sum of H_l*W_l, levels stacked in order, each row-major
+    spatial_shapes:     list of (H_l, W_l) python ints
+    sampling_locations: (B, Q, nh, L, P, 2), (x, y) normalised to [0, 1]; outside samples read zeros
+    attention_logits:   (B, Q, nh, L*P), softmax over L*P per head
+    returns             (B, Q, nh*hd), accumulated in fp32 (fp64 for fp64 value), in value's dtype
+    """
+    B, S, nh, hd = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    out_dtype, acc_dtype = value.dtype, accumulation_dtype(value)
+    value, sampling_locations = value.to(acc_dtype), sampling_locations.to(acc_dtype)
+    weights = attention_logits.to(acc_dtype).softmax(-1).view(B, Q, nh, L, P)
+    grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
+    sizes = [h * w for h, w in spatial_shapes]
+    sampled = []
+    for level, (v, (h, w)) in enumerate(zip(value.split(sizes, dim=1), spatial_shapes)):
+        v = v.permute(0, 2, 3, 1).reshape(B * nh, hd, h, w)  # (B*nh, hd, H_l, W_l)
+        g = grids[:, :, :, level].transpose(1, 2).reshape(B * nh, Q, P, 2)  # (B*nh, Q, P, 2)
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    sampled = torch.stack(sampled, dim=-2)  # (B*nh, hd, Q, L, P)
+    w = weights.transpose(1, 2).reshape(B * nh, 1, Q, L, P)
+    out = (sampled * w).sum((-2, -1))  # (B*nh, hd, Q)
+    return out.view(B, nh * hd, Q).transpose(1, 2).to(out_dtype).contiguous()  # (B, Q, nh*hd)
+
+
+# ---- Triton ------------------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -116,6 +156,17 @@ def _msda_bilinear_corners(
 
 
 @triton.jit
+def _msda_load_corners(VALUE, o00, o01, o10, o11, m00, m01, m10, m11, CT: tl.constexpr):
+    """The value rows at the four corners of a sampling point (zero where masked), upcast to CT right after the
+    load: fp16/bf16 math runs in fp32 (the interpreter also needs it for bf16)."""
+    v00 = tl.load(VALUE + o00, mask=m00, other=0.0).to(CT)
+    v01 = tl.load(VALUE + o01, mask=m01, other=0.0).to(CT)
+    v10 = tl.load(VALUE + o10, mask=m10, other=0.0).to(CT)
+    v11 = tl.load(VALUE + o11, mask=m11, other=0.0).to(CT)
+    return v00, v01, v10, v11
+
+
+@triton.jit
 def _msda_fwd_fused_softmax_bilinear(
     VALUE,
     SHAPES,
@@ -145,11 +196,7 @@ def _msda_fwd_fused_softmax_bilinear(
             o00, o01, o10, o11, m00, m01, m10, m11, fx, fy, W, H = _msda_bilinear_corners(
                 LOC, SHAPES, row, row_mask, b, m, S, level, k, L * P, NH, HD, d, d_mask, CT
             )
-            # upcast right after the load: fp16/bf16 math in fp32 (the interpreter also needs it for bf16)
-            v00 = tl.load(VALUE + o00, mask=m00, other=0.0).to(CT)
-            v01 = tl.load(VALUE + o01, mask=m01, other=0.0).to(CT)
-            v10 = tl.load(VALUE + o10, mask=m10, other=0.0).to(CT)
-            v11 = tl.load(VALUE + o11, mask=m11, other=0.0).to(CT)
+            v00, v01, v10, v11 = _msda_load_corners(VALUE, o00, o01, o10, o11, m00, m01, m10, m11, CT)
             top = v00 + (v01 - v00) * fx[:, None]
             bottom = v10 + (v11 - v10) * fx[:, None]
             acc += _msda_column(attn, k, LP_PAD)[:, None] * (top + (bottom - top) * fy[:, None])
@@ -194,10 +241,7 @@ def _msda_bwd_fused_softmax_bilinear(
             o00, o01, o10, o11, m00, m01, m10, m11, fx, fy, W, H = _msda_bilinear_corners(
                 LOC, SHAPES, row, row_mask, b, m, S, level, k, L * P, NH, HD, d, d_mask, CT
             )
-            v00 = tl.load(VALUE + o00, mask=m00, other=0.0).to(CT)
-            v01 = tl.load(VALUE + o01, mask=m01, other=0.0).to(CT)
-            v10 = tl.load(VALUE + o10, mask=m10, other=0.0).to(CT)
-            v11 = tl.load(VALUE + o11, mask=m11, other=0.0).to(CT)
+            v00, v01, v10, v11 = _msda_load_corners(VALUE, o00, o01, o10, o11, m00, m01, m10, m11, CT)
             fx2 = fx[:, None]
             fy2 = fy[:, None]
             top = v00 + (v01 - v00) * fx2
@@ -389,9 +433,9 @@ def _msda_autograd_backward(ctx, grad_out):
 
 
 if HAS_TRITON:
-    msda_backward_op = define_custom_op("honeybee::msda_backward", _msda_backward, _msda_backward_fake)
+    msda_backward_op = define_custom_op(OP_NAMESPACE, "msda_backward", _msda_backward, _msda_backward_fake)
     msda_op = define_custom_op(
-        "honeybee::msda", _msda_forward, _msda_fake, _msda_autograd_backward, _msda_setup_context
+        OP_NAMESPACE, "msda", _msda_forward, _msda_fake, _msda_autograd_backward, _msda_setup_context
     )
 
 
@@ -399,3 +443,10 @@ def msda_triton(value, spatial_shapes, sampling_locations, attention_logits):
     """Triton `msda_reference`: same arguments (spatial_shapes a list of (H, W)), same result, with autograd."""
     flat_shapes = [int(s) for hw in spatial_shapes for s in hw]
     return msda_op(value, flat_shapes, sampling_locations, attention_logits)
+
+
+def msda(value, spatial_shapes, sampling_locations, attention_logits, backend="auto"):
+    """`msda_reference` or `msda_triton`, as `backend` ("auto", "triton", "torch") and the tensors' device say."""
+    if use_triton(backend, value, sampling_locations, attention_logits):
+        return msda_triton(value, spatial_shapes, sampling_locations, attention_logits)
+    return msda_reference(value, spatial_shapes, sampling_locations, attention_logits)
