@@ -136,7 +136,7 @@ def _open_image(image):
         # Decoded here rather than by `load_image`, which converts to RGB (16-bit images would clip at 255) and
         # repeats the whole payload in its error message.
         payload = image.split(",", 1)[1] if image.startswith("data:") else image
-        return Image.open(BytesIO(base64.b64decode(payload, validate=False)))
+        return Image.open(BytesIO(base64.b64decode("".join(payload.split()), validate=True)))
     if isinstance(image, (str, os.PathLike)):
         raise FileNotFoundError(image)
     if isinstance(image, (bytes, bytearray)):
@@ -164,6 +164,7 @@ def load_rgb_image(image, where="image"):
     array (H, W, 3). Anything unreadable raises `ValueError` naming `where` (e.g. "image 2 of 3") and the input.
     """
     name = describe_image(image)
+    is_url = isinstance(image, str) and image.startswith(("http://", "https://"))
     try:
         pil = _open_image(image)
         pil.load()  # PIL decodes lazily: truncated or corrupt data fails here, not later inside the resize
@@ -172,12 +173,13 @@ def load_rgb_image(image, where="image"):
         raise ValueError(f"{where}: image file {name} does not exist") from error
     except Image.DecompressionBombError as error:
         raise ValueError(f"{where}: {name} is too large to decode safely ({error}); downscale it first") from error
-    except (OSError, SyntaxError, binascii.Error) as error:  # PIL's decoding errors, bad base64, requests' errors
-        raise ValueError(f"cannot read {where} ({name}): {str(error)[:200]}; is it a valid JPEG/PNG/WebP file?") from error
-    except (ValueError, TypeError) as error:  # ours, about the input's type or layout
-        raise type(error)(f"{where} ({name}): {error}") from error
-    except Exception as error:  # httpx's network errors (transformers 5)
-        raise ValueError(f"cannot load {where} ({name}): {str(error)[:200]}") from error
+    except (ValueError, TypeError) as error:
+        if not isinstance(error, binascii.Error):  # ours, about the input's type or layout
+            raise type(error)(f"{where} ({name}): {error}") from error
+        raise ValueError(f"cannot read {where} ({name}): it is not valid base64 ({error})") from error
+    except Exception as error:  # PIL's decoding errors; requests' (4.x) or httpx's (5.x) network errors
+        hint = "check the URL and that it serves an image" if is_url else "is it a valid JPEG/PNG/WebP file?"
+        raise ValueError(f"cannot read {where} ({name}): {str(error)[:200]}; {hint}") from error
     if pil.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
         # PIL's convert("RGB") clips 16-bit values at 255; scale to 8 bits instead.
         pil = Image.fromarray((np.asarray(pil, dtype=np.uint16) >> 8).astype(np.uint8))
