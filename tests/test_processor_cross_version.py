@@ -1,0 +1,63 @@
+"""A folder saved with the library's plain `save_pretrained` calls under one transformers major version loads under
+the other: identical processor outputs (ids, mask, pixels) and logits, and the same processor files either way.
+
+Runs the other version's test environment (.venvs/tf4 or .venvs/tf5) in a subprocess; CI creates both.
+"""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TESTS, other_python, run_script
+
+sys.path.insert(0, str(TESTS))
+from load_and_run import load, run  # noqa: E402
+
+OTHER = other_python()
+if OTHER is None:
+    if os.environ.get("CI"):
+        raise RuntimeError("CI must create both test environments (scripts/setup_envs.sh)")
+    pytest.skip("the other transformers version's environment is missing", allow_module_level=True)
+
+PROCESSOR_FILES = [
+    "processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.json", "chat_template.jinja",
+]
+
+
+def assert_same(here, there):
+    assert set(here) == set(there)
+    for key in ("input_ids", "attention_mask", "pixel_values", "tokens"):
+        assert torch.equal(here[key], there[key]), key
+    torch.testing.assert_close(here["logits"], there["logits"], atol=1e-5, rtol=1e-5)
+
+
+def processor_files(folder):
+    read = {name: (folder / name).read_text() for name in PROCESSOR_FILES}
+    return {name: json.loads(text) if name.endswith(".json") else text for name, text in read.items()}
+
+
+def test_plain_save_here_loads_there(tiny_folder, tmp_path):
+    folder, _, _ = tiny_folder("c-abs", seed=11)
+    model, processor = load(folder)
+    resaved = tmp_path / f"plain_here_{tmp_path.name[-10:]}"
+    model.save_pretrained(resaved)
+    processor.save_pretrained(resaved)
+    run_script(OTHER, TESTS / "load_and_run.py", resaved, tmp_path / "there.safetensors")
+    assert_same(run(model, processor), load_file(tmp_path / "there.safetensors"))
+
+
+def test_plain_save_there_loads_here(tiny_folder, tmp_path):
+    folder, _, _ = tiny_folder("c-abs", seed=12)
+    resaved = tmp_path / f"plain_there_{tmp_path.name[-10:]}"
+    run_script(OTHER, TESTS / "resave_plain.py", folder, resaved, tmp_path / "there.safetensors")
+    assert_same(run(*load(resaved)), load_file(tmp_path / "there.safetensors"))
+    # Either version's plain save writes the same processor files.
+    _, processor = load(folder)
+    here = tmp_path / f"plain_same_{tmp_path.name[-10:]}"
+    processor.save_pretrained(here)
+    assert processor_files(here) == processor_files(resaved)
