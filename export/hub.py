@@ -15,7 +15,6 @@ from pathlib import Path
 
 from transformers import GenerationConfig
 
-
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 CODE_FILES = ["configuration_honeybee.py", "modeling_honeybee.py", "processing_honeybee.py", "kernels_honeybee.py"]
 MODEL_CLASS = "modeling_honeybee.HoneybeeForConditionalGeneration"

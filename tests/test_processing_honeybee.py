@@ -259,14 +259,16 @@ def test_chat_template_renders_official_prompts(processor, toy):
         "<s>Be brief.\nHuman: <image>\nHuman: What is in the image?\nAI: "
     )
     custom[0]["content"] = [{"type": "text", "text": "Be brief."}]
-    assert processor.apply_chat_template(custom, add_generation_prompt=True, tokenize=False).startswith("<s>Be brief.\nHuman: ")
+    rendered = processor.apply_chat_template(custom, add_generation_prompt=True, tokenize=False)
+    assert rendered.startswith("<s>Be brief.\nHuman: ")
 
     history = question + [
         {"role": "assistant", "content": [{"type": "text", "text": "A dog."}]},
         user({"type": "text", "text": "What color is it?"}),
     ]
     assert processor.apply_chat_template(history, add_generation_prompt=True, tokenize=False) == (
-        f"<s>{SYSTEM_PROMPT}\nHuman: <image>\nHuman: What is in the image?\nAI: A dog.</s>\nHuman: What color is it?\nAI: "
+        f"<s>{SYSTEM_PROMPT}\nHuman: <image>\nHuman: What is in the image?\nAI: A dog.</s>"
+        "\nHuman: What color is it?\nAI: "
     )
     text_only = [  # the official multi-turn, text-only fixture prompt; plain-string contents
         {"role": "user", "content": "Is there a cat?"},
@@ -614,7 +616,8 @@ def test_call_time_image_options_take_effect(processor):
     for kwargs in [{"do_normalize": False}, {"images_kwargs": {"do_normalize": False}}]:
         pixels = processor(text="What?", images=[image], return_tensors="pt", **kwargs)["pixel_values"][0]
         assert (pixels - expected).abs().max() < 1e-5, kwargs
-    assert (processor(images=[image], do_normalize=False, return_tensors="pt")["pixel_values"][0] - expected).abs().max() < 1e-5
+    alone = processor(images=[image], do_normalize=False, return_tensors="pt")["pixel_values"][0]
+    assert (alone - expected).abs().max() < 1e-5
     normalized = processor(text="What?", images=[image], return_tensors="pt")["pixel_values"][0]
     assert (normalized - reference_pixels(image, 32)).abs().max() < 1e-5
     rescaled = processor(images=[image], images_kwargs={"rescale_factor": -1.0}, return_tensors="pt")["pixel_values"]
@@ -624,7 +627,8 @@ def test_call_time_image_options_take_effect(processor):
 def test_call_time_text_options_take_effect(processor):
     texts = ["Short?", "A longer question about the picture?"]
     default = processor(text=texts, return_tensors="pt")
-    assert processor(text=texts, text_kwargs={"padding": "max_length", "max_length": 90})["input_ids"][0].__len__() == 90
+    fixed = processor(text=texts, text_kwargs={"padding": "max_length", "max_length": 90}, return_tensors="pt")
+    assert fixed["input_ids"].shape == (2, 90)
     multiple = processor(text=texts, pad_to_multiple_of=64, return_tensors="pt")["input_ids"]
     assert multiple.shape[1] == 64 * -(-default["input_ids"].shape[1] // 64) > default["input_ids"].shape[1]
     assert "attention_mask" not in processor(text=texts, return_attention_mask=False)
@@ -854,7 +858,8 @@ def test_training_data_and_chat_template_agree(processor, tmp_path):
     for index, record in enumerate(records):
         sample = dataset[index]
         messages = llava_record_to_messages(record)
-        count = sum(item["type"] == "image" for m in messages if isinstance(m["content"], list) for item in m["content"])
+        items = [item for m in messages if isinstance(m["content"], list) for item in m["content"]]
+        count = sum(item["type"] == "image" for item in items)
         images = [photo(k) for k in range(count)]
         with_images = [  # the images themselves, in order, as the chat format carries them
             {**m, "content": [dict(item, image=images.pop(0)) if item["type"] == "image" else item
