@@ -211,9 +211,8 @@ def with_sentencepiece_front_end(tokenizer):
     after `<image>`). Such tokenizers get the official front end back; any other tokenizer is left alone.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or json.loads(backend.to_str()).get("pre_tokenizer", None) is None:
-        return tokenizer
-    if json.loads(backend.to_str())["pre_tokenizer"].get("type") != "Metaspace":
+    pre_tokenizer = json.loads(backend.to_str()).get("pre_tokenizer") if backend is not None else None
+    if not pre_tokenizer or pre_tokenizer.get("type") != "Metaspace":
         return tokenizer
     tokenizer = copy.deepcopy(tokenizer)  # the caller's object keeps its pipeline
     tokenizer.backend_tokenizer.normalizer = sentencepiece_front_end()
@@ -528,8 +527,8 @@ class HoneybeeProcessor(ProcessorMixin):
             HoneybeeProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
         )
         text_options, image_options = dict(options["text_kwargs"]), dict(options["images_kwargs"])
-        return_tensors = text_options.pop("return_tensors", None) or image_options.pop("return_tensors", None)
-        image_options.pop("return_tensors", None)
+        return_tensors = text_options.pop("return_tensors", None) or image_options.get("return_tensors")
+        image_options.pop("return_tensors", None)  # the image processor always returns tensors here
         if text is None:
             flat = images if isinstance(images, (list, tuple)) else [images]
             flat = [x for sub in flat for x in (sub if isinstance(sub, (list, tuple)) else [sub])]
