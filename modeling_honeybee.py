@@ -521,6 +521,8 @@ class HoneybeePreTrainedModel(PreTrainedModel):
     _supports_flash_attn_2 = True  # transformers 4
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # prefill and decode compile with fullgraph=True (tests/test_model_contract.py): generate may compile the decode
+    _can_compile_fullgraph = True
 
     def _keep_projector_in_fp32(self):
         if self.config.projector_config.projector_type == "d-abs":
