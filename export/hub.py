@@ -20,7 +20,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent
 MODEL_CLASS = "modeling_honeybee.HoneybeeForConditionalGeneration"
 AUTO_MAP = {
     "AutoConfig": "configuration_honeybee.HoneybeeConfig",
-    "AutoModel": MODEL_CLASS,
+    "AutoModel": "modeling_honeybee.HoneybeeModel",  # the backbone, as transformers' LLaVA (vLLM needs it)
     "AutoModelForVision2Seq": MODEL_CLASS,  # transformers 4.x; 5.x ignores it
     "AutoModelForImageTextToText": MODEL_CLASS,
     "AutoProcessor": "processing_honeybee.HoneybeeProcessor",
