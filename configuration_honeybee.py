@@ -8,7 +8,7 @@ Nothing here touches the network.
 
 import math
 
-from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, PretrainedConfig
+from transformers import AutoConfig, AutoModelForImageTextToText, CLIPVisionConfig, LlamaConfig, PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.utils import logging
 
@@ -280,5 +280,14 @@ def _vicuna_7b():
         pad_token_id=0,
     )
 
+
+# Generic evaluators pick the Auto class from the model type before they load the model: lmms-eval's `huggingface`
+# backend (0.7.3) takes AutoModelForImageTextToText when `config.model_type` is among its mapping's keys, and otherwise
+# AutoModel, which is Honeybee's backbone and cannot generate. Only this file is imported by then, so the model type is
+# registered here, with its class name as in transformers' own model-type tables (transformers 5's mapping takes a
+# model-type key). Loading still resolves the class through `auto_map`; this entry is never used to build a model.
+AutoModelForImageTextToText._model_mapping.register(
+    HoneybeeConfig.model_type, "HoneybeeForConditionalGeneration", exist_ok=True
+)
 
 __all__ = ["HoneybeeConfig", "HoneybeeProjectorConfig"]
