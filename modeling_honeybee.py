@@ -506,6 +506,11 @@ class HoneybeeForConditionalGeneration(HoneybeePreTrainedModel, GenerationMixin)
         >>> processor.batch_decode(answer, skip_special_tokens=True)
     """
 
+    # Quantizers (bitsandbytes, torchao) read this list, not `_keep_in_fp32_modules_strict`, and leave these modules
+    # unquantized: only the language model is quantized (lm_head is skipped by the quantizers' own default). Its other
+    # effect is transformers': a float16 load, or a bitsandbytes load on transformers 4, keeps these modules in fp32.
+    _keep_in_fp32_modules = ["vision_model", "abstractor"]
+
     def __init__(self, config: HoneybeeConfig):
         super().__init__(config)
         vc, pc = config.vision_config, config.projector_config
