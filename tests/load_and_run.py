@@ -54,6 +54,7 @@ def run(model, processor):
         tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     return {
         "input_ids": inputs["input_ids"],
+        "attention_mask": inputs["attention_mask"],
         "pixel_values": inputs["pixel_values"],
         "logits": logits,
         "tokens": tokens,

@@ -163,9 +163,15 @@ def test_final_answer_eos_follows_official_no_eos(processor, toy):
     assert multi_turn == tensors["case4.input_ids"].tolist() and eos in multi_turn
 
 
+def plain_ids(tokenizer, text, **kwargs):
+    return tokenizer(text, add_special_tokens=False, **kwargs)["input_ids"]
+
+
 @pytest.mark.parametrize("text", TRICKY)
-def test_chunk_tokenizer_matches_sentencepiece(processor, spm, text):
-    assert processor._chunk_tokenizer().encode(text, add_special_tokens=False).ids == spm.encode(text)
+def test_tokenizer_matches_sentencepiece(processor, spm, text):
+    """`processor.tokenizer`, the one tokenizer every collator calls, is sentencepiece's legacy Llama tokenisation."""
+    assert plain_ids(processor.tokenizer, text) == spm.encode(text)
+    assert processor.tokenizer(text)["input_ids"] == [spm.bos_id()] + spm.encode(text)
 
 
 def test_encode_prompt_matches_sentencepiece_reference(processor, spm):
@@ -192,16 +198,15 @@ def test_special_token_text_is_split_as_slow_llama(processor, spm, text):
     expected = []
     for piece in (p for p in re.split("(<s>|</s>|<unk>)", text) if p):
         expected += [spm.piece_to_id(piece)] if piece in ("<s>", "</s>", "<unk>") else spm.encode(piece)
-    assert processor._chunk_tokenizer().encode(text, add_special_tokens=False).ids == expected
+    assert plain_ids(processor.tokenizer, text) == expected
 
 
 @pytest.mark.skipif(TF_MAJOR >= 5, reason="transformers 5 has no slow sentencepiece LlamaTokenizer")
-def test_chunk_tokenizer_matches_slow_legacy_llama_tokenizer(processor):
+def test_tokenizer_matches_slow_legacy_llama_tokenizer(processor):
     """The class the official code loads: slow `LlamaTokenizer(legacy=True)`, chunks with add_special_tokens=False."""
     slow = transformers.LlamaTokenizer(str(TOY_SPM), legacy=True)
-    chunk = processor._chunk_tokenizer()
     for text in TRICKY + SPECIAL_IN_TEXT + [HUMAN, AI, SYSTEM_PROMPT]:
-        assert chunk.encode(text, add_special_tokens=False).ids == slow.encode(text, add_special_tokens=False), text
+        assert plain_ids(processor.tokenizer, text) == slow.encode(text, add_special_tokens=False), text
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,31 +246,38 @@ def user(*content):
 
 
 def test_chat_template_renders_official_prompts(processor, toy):
+    """The official prompts, with the `<s>` the official tokenizer adds and the `</s>` it ends each answer with
+    written out, so that any tokenizer call on the rendering (TRL's, vLLM's) gets them."""
     meta, _ = toy
     question = [user({"type": "image"}, {"type": "text", "text": "What is in the image?"})]
     rendered = processor.apply_chat_template(question, add_generation_prompt=True, tokenize=False)
-    assert rendered == f"{SYSTEM_PROMPT}\nHuman: <image>\nHuman: What is in the image?\nAI: " == meta["cases"][0]["prompt"]
+    assert rendered == f"<s>{SYSTEM_PROMPT}\nHuman: <image>\nHuman: What is in the image?\nAI: "
+    assert rendered == "<s>" + meta["cases"][0]["prompt"]
 
     custom = [{"role": "system", "content": "Be brief."}, *question]
     assert processor.apply_chat_template(custom, add_generation_prompt=True, tokenize=False) == (
-        "Be brief.\nHuman: <image>\nHuman: What is in the image?\nAI: "
+        "<s>Be brief.\nHuman: <image>\nHuman: What is in the image?\nAI: "
     )
     custom[0]["content"] = [{"type": "text", "text": "Be brief."}]
-    assert processor.apply_chat_template(custom, add_generation_prompt=True, tokenize=False).startswith("Be brief.\nHuman: ")
+    rendered = processor.apply_chat_template(custom, add_generation_prompt=True, tokenize=False)
+    assert rendered.startswith("<s>Be brief.\nHuman: ")
 
     history = question + [
         {"role": "assistant", "content": [{"type": "text", "text": "A dog."}]},
         user({"type": "text", "text": "What color is it?"}),
     ]
     assert processor.apply_chat_template(history, add_generation_prompt=True, tokenize=False) == (
-        f"{SYSTEM_PROMPT}\nHuman: <image>\nHuman: What is in the image?\nAI: A dog.\nHuman: What color is it?\nAI: "
+        f"<s>{SYSTEM_PROMPT}\nHuman: <image>\nHuman: What is in the image?\nAI: A dog.</s>"
+        "\nHuman: What color is it?\nAI: "
     )
     text_only = [  # the official multi-turn, text-only fixture prompt; plain-string contents
         {"role": "user", "content": "Is there a cat?"},
         {"role": "assistant", "content": "No"},
         {"role": "user", "content": "Explain why this meme is funny."},
     ]
-    assert processor.apply_chat_template(text_only, add_generation_prompt=True, tokenize=False) == meta["cases"][4]["prompt"]
+    rendered = processor.apply_chat_template(text_only, add_generation_prompt=True, tokenize=False)
+    assert rendered == "<s>" + meta["cases"][4]["prompt"].replace("\nAI: No", "\nAI: No</s>")
+    assert not processor.apply_chat_template(text_only, tokenize=False).endswith("\nAI: ")  # no generation prompt
 
 
 def test_chat_template_tokenized_equals_processor(processor, toy):
@@ -514,9 +526,7 @@ def test_processor_round_trip_through_hub_folder(processor, tmp_path):
         for key in ours:
             assert torch.equal(ours[key], theirs[key]), key
     for text in TRICKY:
-        assert loaded._chunk_tokenizer().encode(text, add_special_tokens=False).ids == (
-            processor._chunk_tokenizer().encode(text, add_special_tokens=False).ids
-        )
+        assert plain_ids(loaded.tokenizer, text) == plain_ids(processor.tokenizer, text)
     messages = [user({"type": "image"}, {"type": "text", "text": "What?"})]
     assert loaded.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == (
         processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -540,3 +550,372 @@ def test_image_processor_keeps_the_official_pil_resize():
     processor = tiny_processor(tiny_config())
     assert type(processor.image_processor).__name__ in ("CLIPImageProcessor", "CLIPImageProcessorPil")
     assert "Pil" in type(processor.image_processor).__name__ or transformers.__version__.startswith("4.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. one tokenizer, in today's files and in the previous format
+
+
+def hub_folder(tmp_path, processor, stem):
+    folder = tmp_path / f"{stem}_{uuid.uuid4().hex[:8]}"  # dynamic modules are cached by basename
+    save_hub_folder(tiny_model(tiny_config(num_query_tokens=NUM_QUERY, num_eos_tokens=NUM_EOS)), processor, folder)
+    return folder
+
+
+# The tokenizer_config.json written before tokenizer_class became PreTrainedTokenizerFast (published folders have it).
+PREVIOUS_TOKENIZER_CONFIG = {
+    "tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+    "pad_token": "<unk>", "additional_special_tokens": ["<image>"], "add_bos_token": True, "add_eos_token": False,
+    "legacy": True, "padding_side": "left", "clean_up_tokenization_spaces": False, "model_max_length": 4096,
+    "processor_class": "HoneybeeProcessor",
+}
+
+
+def test_tokenizer_files_load_as_written(processor, spm, tmp_path):
+    """`PreTrainedTokenizerFast` files: a plain `AutoTokenizer` (no processor involved) is sentencepiece."""
+    folder = hub_folder(tmp_path, processor, "hb_tokenizer_files")
+    assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    for text in TRICKY + SPECIAL_IN_TEXT:
+        assert plain_ids(tokenizer, text) == plain_ids(processor.tokenizer, text), text
+    for text in TRICKY:
+        assert plain_ids(tokenizer, text) == spm.encode(text), text
+    assert "token_type_ids" not in tokenizer("a b") and tokenizer.padding_side == "left"
+
+
+def test_folders_in_the_previous_tokenizer_format_keep_loading(processor, spm, tmp_path):
+    folder = hub_folder(tmp_path, processor, "hb_previous_format")
+    config = dict(PREVIOUS_TOKENIZER_CONFIG, added_tokens_decoder=json.loads(
+        (folder / "tokenizer_config.json").read_text())["added_tokens_decoder"])
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    loaded = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    for text in TRICKY:
+        assert plain_ids(loaded.tokenizer, text) == spm.encode(text), text
+    texts = ["What is this?", "Two\nHuman: <image>\nHuman: <image>\nAI: x  y", " leading  spaces"]
+    images = [[photo(0)], [photo(1), photo(2)], []]
+    ours = processor(text=texts, images=images, return_tensors="pt", return_labels=True)
+    theirs = loaded(text=texts, images=images, return_tensors="pt", return_labels=True)
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+    if TF_MAJOR >= 5:  # what the processor repairs: 5.x rebuilds a LlamaTokenizerFast with Metaspace
+        plain = transformers.AutoTokenizer.from_pretrained(folder)
+        assert any(plain_ids(plain, text) != spm.encode(text) for text in TRICKY)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. call-time options
+
+
+def unnormalized_pixels(image, size=32):
+    x = np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), np.float32) / 255
+    return torch.from_numpy(x.transpose(2, 0, 1))
+
+
+def test_call_time_image_options_take_effect(processor):
+    image = photo(4)
+    expected = unnormalized_pixels(image)
+    for kwargs in [{"do_normalize": False}, {"images_kwargs": {"do_normalize": False}}]:
+        pixels = processor(text="What?", images=[image], return_tensors="pt", **kwargs)["pixel_values"][0]
+        assert (pixels - expected).abs().max() < 1e-5, kwargs
+    alone = processor(images=[image], do_normalize=False, return_tensors="pt")["pixel_values"][0]
+    assert (alone - expected).abs().max() < 1e-5
+    normalized = processor(text="What?", images=[image], return_tensors="pt")["pixel_values"][0]
+    assert (normalized - reference_pixels(image, 32)).abs().max() < 1e-5
+    rescaled = processor(images=[image], images_kwargs={"rescale_factor": -1.0}, return_tensors="pt")["pixel_values"]
+    assert rescaled.mean() < -1
+
+
+def test_call_time_text_options_take_effect(processor):
+    texts = ["Short?", "A longer question about the picture?"]
+    default = processor(text=texts, return_tensors="pt")
+    fixed = processor(text=texts, text_kwargs={"padding": "max_length", "max_length": 90}, return_tensors="pt")
+    assert fixed["input_ids"].shape == (2, 90)
+    multiple = processor(text=texts, pad_to_multiple_of=64, return_tensors="pt")["input_ids"]
+    assert multiple.shape[1] == 64 * -(-default["input_ids"].shape[1] // 64) > default["input_ids"].shape[1]
+    assert "attention_mask" not in processor(text=texts, return_attention_mask=False)
+    assert processor(text=texts, return_length=True)["length"] == default["attention_mask"].sum(1).tolist()
+    unpadded = processor(text=texts, padding=False)["input_ids"]
+    assert [len(row) for row in unpadded] == default["attention_mask"].sum(1).tolist()
+    no_bos = processor(text="What?", add_special_tokens=False)["input_ids"][0]
+    assert [processor.tokenizer.bos_token_id] + no_bos == processor(text="What?")["input_ids"][0]
+
+
+def test_options_passed_twice_raise(processor):
+    with pytest.raises(ValueError, match="passed two times"):
+        processor(text="What?", images=[photo()], do_normalize=False, images_kwargs={"do_normalize": True})
+    with pytest.raises(ValueError, match="passed two times"):
+        processor(text="What?", padding="max_length", text_kwargs={"padding": True})
+
+
+def test_unsupported_text_options_raise(processor):
+    with pytest.raises(ValueError, match="does not support text_pair"):
+        processor(text="What?", text_pair="Why?")
+    with pytest.raises(ValueError, match="does not support return_overflowing_tokens"):
+        processor(text="What?", return_overflowing_tokens=True)
+
+
+def test_saved_tokenizer_defaults_apply(processor, tmp_path):
+    """Defaults saved in tokenizer_config.json apply to every call, call-time options win, and they survive a save."""
+    folder = hub_folder(tmp_path, processor, "hb_saved_defaults")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "padding": "max_length", "max_length": 77}))
+    loaded = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert len(loaded(text="What?")["input_ids"][0]) == 77
+    assert len(loaded(text="What?", padding="longest")["input_ids"][0]) == len(processor(text="What?")["input_ids"][0])
+    resaved = tmp_path / f"hb_saved_defaults_again_{uuid.uuid4().hex[:8]}"
+    loaded.save_pretrained(resaved)
+    again = AutoProcessor.from_pretrained(resaved, trust_remote_code=True)
+    assert len(again(text="What?")["input_ids"][0]) == 77
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 9. image sources
+
+
+def jpeg_bytes(image):
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def http_server(tmp_path, monkeypatch):
+    """A local HTTP server on 127.0.0.1 serving `tmp_path/www`; image downloads time out after 5 s."""
+    import functools
+    import http.server
+    import threading
+
+    import honeybee_hf.processing_honeybee as module
+
+    monkeypatch.setattr(module, "IMAGE_URL_TIMEOUT", 5.0)
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_every_image_source_gives_the_same_pixels(processor, tmp_path, http_server):
+    import base64
+
+    root, url = http_server
+    original = Image.open(REPO_ROOT / "assets" / "images" / "ca.jpeg")
+    original.thumbnail((80, 80))
+    data = jpeg_bytes(original)
+    (root / "photo.jpg").write_bytes(data)
+    (tmp_path / "photo.jpg").write_bytes(data)
+    decoded = Image.open(io.BytesIO(data))
+    encoded = base64.b64encode(data).decode()
+    sources = {
+        "path": tmp_path / "photo.jpg",
+        "str path": str(tmp_path / "photo.jpg"),
+        "bytes": data,
+        "http url": f"{url}/photo.jpg",
+        "data url": f"data:image/jpeg;base64,{encoded}",
+        "base64": encoded,
+        "PIL": decoded,
+        "numpy": np.asarray(decoded.convert("RGB")),
+        "torch": torch.from_numpy(np.asarray(decoded.convert("RGB")).copy()),
+    }
+    expected = reference_pixels(decoded, 32)
+    for name, source in sources.items():
+        pixels = processor(text="What?", images=[source], return_tensors="pt")["pixel_values"][0]
+        assert (pixels - expected).abs().max() < 1e-5, name
+    messages = [user({"type": "image", "url": f"{url}/photo.jpg"}, {"type": "text", "text": "What?"})]
+    out = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert (torch.as_tensor(np.asarray(out["pixel_values"]))[0] - expected).abs().max() < 1e-5
+
+
+def test_bad_image_sources_raise_short_errors_naming_the_image(processor, http_server):
+    import base64
+    import socket
+
+    root, url = http_server
+    good = jpeg_bytes(photo(0, (64, 64)))
+    garbage = base64.b64encode(np.random.RandomState(0).bytes(100_000)).decode()
+    truncated = Image.open(io.BytesIO(good[: len(good) // 2]))  # PIL opens lazily: decoding fails later
+    silent = socket.socket()  # accepts connections, never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    cases = [
+        (f"{url}/missing.jpg", "missing.jpg.*check the URL"),
+        (f"http://127.0.0.1:{silent.getsockname()[1]}/slow.jpg", "slow.jpg.*check the URL"),
+        (f"data:image/jpeg;base64,{garbage}", "a data URL of 133,3.. characters.*valid JPEG/PNG/WebP"),
+        (garbage, "133,3.. characters.*valid JPEG/PNG/WebP"),
+        ("data:image/png;base64,@@@", "not valid base64"),
+        (truncated, "a RGB PIL image of 64x64.*valid JPEG/PNG/WebP"),
+        (good[:100], r"<bytes> \(100 bytes\).*valid JPEG/PNG/WebP"),
+    ]
+    try:
+        for source, message in cases:
+            with pytest.raises(ValueError, match=f"image 2 of 2.*{message}") as error:
+                processor(text="Two\nHuman: <image>\nHuman: <image>\nAI: ", images=[photo(1), source])
+            assert len(str(error.value)) < 600, str(error.value)[:1000]
+    finally:
+        silent.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 10. chat template for training: assistant masks, captions, the training data renderer
+
+
+def official_labels(tensors, case):
+    return [int(label != -100) for label in tensors[f"case{case}.labels"].tolist()]
+
+
+def test_assistant_mask_is_the_official_label_rule(processor, toy, spm):
+    meta, tensors = toy
+    question, answer = "What is in the image?", meta["cases"][2]["prompt"].split(AI)[-1]
+    image = photo(5)
+    messages = [
+        user({"type": "image", "image": image}, {"type": "text", "text": question}),
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]
+    out = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert out["input_ids"][0] == official_ids(tensors["case2.input_ids"], processor).tolist()
+    assert out["assistant_masks"][0] == official_labels(tensors, 2)
+
+    turns = [("Is there a cat?", "No"), ("Explain why  this meme is funny.", " Because the cat is a dog. ")]
+    messages = [m for q, a in turns for m in (user({"type": "text", "text": q}), {
+        "role": "assistant", "content": [{"type": "text", "text": a}]})]
+    out = processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
+    )
+    prompt = SYSTEM_PROMPT + "".join(HUMAN + q + AI + a for q, a in turns)
+    ids, mask = official_encode(spm, prompt, processor.num_visual_tokens, processor.image_token_id)
+    assert out["input_ids"][0].tolist() == ids and out["assistant_masks"][0].tolist() == mask
+
+
+def test_caption_messages_render_the_pre_training_format(processor, toy):
+    meta, tensors = toy
+    caption = meta["cases"][3]["prompt"].split("<image> ")[1]
+    messages = [
+        {"role": "system", "content": "[NO_PROMPT]"},
+        user({"type": "image", "image": photo(6)}),
+        {"role": "assistant", "content": caption},
+    ]
+    assert processor.apply_chat_template(messages, tokenize=False) == f"<s>[NO_PROMPT] <image> {caption}</s>"
+    # transformers 4 tokenizes list contents only
+    messages[0]["content"] = [{"type": "text", "text": "[NO_PROMPT]"}]
+    messages[2]["content"] = [{"type": "text", "text": caption}]
+    out = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert out["input_ids"][0] == official_ids(tensors["case3.input_ids"], processor).tolist()
+    assert out["assistant_masks"][0] == official_labels(tensors, 3)
+
+
+def llava_record_to_messages(record, system_prompt=SYSTEM_PROMPT):
+    """The test's own reading of a LLaVA record as chat messages: each `<image>` of a human turn is an image item
+    ahead of that turn's remaining text; images without any `<image>` go to the first human turn."""
+    if "caption" in record:
+        return [{"role": "system", "content": [{"type": "text", "text": "[NO_PROMPT]"}]}, user({"type": "image"}),
+                {"role": "assistant", "content": [{"type": "text", "text": record["caption"]}]}]
+    turns = list(record["conversations"])
+    if turns[0]["from"] == "system":
+        system_prompt = turns.pop(0)["value"]
+    images = record.get("image", [])
+    images = [images] if isinstance(images, str) else images
+    if images and not any("<image>" in t["value"] for t in turns):
+        turns[0] = {**turns[0], "value": "<image>" * len(images) + turns[0]["value"]}
+    messages = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}]
+    for turn in turns:
+        if turn["from"] == "gpt":
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": turn["value"].strip()}]})
+            continue
+        pieces = turn["value"].split("<image>")
+        rest = "\n".join(p.strip() for p in pieces if p.strip())
+        content = [{"type": "image"}] * (len(pieces) - 1) + ([{"type": "text", "text": rest}] if rest else [])
+        messages.append({"role": "user", "content": content})
+    return messages
+
+
+def test_training_data_and_chat_template_agree(processor, tmp_path):
+    """train/data.py's samples (ids, labels) equal the chat template's (ids, assistant mask) on the same data."""
+    from honeybee_hf.train.data import HoneybeeConversationDataset
+
+    records = [
+        {"image": ["ca.jpeg", "titanic.jpeg"], "conversations": [  # multi-turn, an image per turn
+            {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A map."},
+            {"from": "human", "value": "And this one?\n<image>"}, {"from": "gpt", "value": " A  ship. "}]},
+        {"image": ["ca.jpeg", "laundry.jpeg"], "conversations": [  # two images in one turn
+            {"from": "human", "value": "<image><image>\nCompare them."}, {"from": "gpt", "value": "Different."}]},
+        {"image": "mug_ad.jpeg", "conversations": [  # a system turn; the image has no <image> placeholder
+            {"from": "system", "value": "Be brief."}, {"from": "human", "value": "What?"},
+            {"from": "gpt", "value": "A mug."}]},
+        {"conversations": [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "Hello."}]},
+        {"image": "titanic.jpeg", "caption": "Two people on a ship."},  # the pre-training caption format
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    dataset = HoneybeeConversationDataset(data, processor, image_root=REPO_ROOT / "assets" / "images")
+    assert len(dataset) == len(records)
+    for index, record in enumerate(records):
+        sample = dataset[index]
+        messages = llava_record_to_messages(record)
+        items = [item for m in messages if isinstance(m["content"], list) for item in m["content"]]
+        count = sum(item["type"] == "image" for item in items)
+        images = [photo(k) for k in range(count)]
+        with_images = [  # the images themselves, in order, as the chat format carries them
+            {**m, "content": [dict(item, image=images.pop(0)) if item["type"] == "image" else item
+                              for item in m["content"]]} if isinstance(m["content"], list) else m
+            for m in messages
+        ]
+        out = processor.apply_chat_template(
+            with_images, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        assert out["input_ids"][0] == sample["input_ids"], index
+        assert out["assistant_masks"][0] == [int(label != -100) for label in sample["labels"]], index
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 11. what vLLM's Transformers backend and transformers 5's generic code read
+
+
+def test_vllm_processor_contract(processor):
+    n, image_id = processor.num_visual_tokens, processor.image_token_id
+    assert processor.image_token == "<image>" and image_id == processor.tokenizer.convert_tokens_to_ids("<image>")
+    counts = processor._get_num_multimodal_tokens(image_sizes=[(10, 20), (480, 640)])
+    assert counts["num_image_tokens"] == [n, n] and counts["num_image_patches"] == [1, 1]
+    assert processor._get_num_multimodal_tokens(image_sizes=[])["num_image_tokens"] == []
+
+    text = "<image><image>"  # vLLM's dummy text: one placeholder per image
+    out = processor(
+        text=text, images=[photo(0), photo(1)], return_text_replacement_offsets=True, return_mm_token_type_ids=True,
+        return_tensors="pt", add_special_tokens=False, truncation=False,
+    )
+    assert out["pixel_values"].shape[0] == 2
+    (entries,) = out["text_replacement_offsets"]
+    assert [e["type"] for e in entries] == ["image", "image"] and [e["span"] for e in entries] == [(0, 7), (7, 14)]
+    expanded = "".join(e["replacement"] for e in entries)
+    for e in entries:
+        assert plain_ids(processor.tokenizer, e["replacement"]) == [image_id] * n
+        assert expanded[e["new_span"][0]:e["new_span"][1]] == e["replacement"]
+    assert out["input_ids"][0].tolist() == [image_id] * 2 * n
+    assert out["mm_token_type_ids"][0].tolist() == [1] * 2 * n
+
+    prompt = f"{SYSTEM_PROMPT}{HUMAN}<image>{HUMAN}What?{AI}"
+    out = processor(text=prompt, images=[photo(0)], return_mm_token_type_ids=True)
+    assert out["mm_token_type_ids"][0] == [int(i == image_id) for i in out["input_ids"][0]]
+
+
+def test_offsets_index_the_prompt_or_the_expanded_prompt(processor):
+    prompt = f"<s>{SYSTEM_PROMPT}{HUMAN}<image>{HUMAN}What is it?{AI}A dog.</s>"
+    plain = processor(text=prompt, images=[photo()], return_offsets_mapping=True, return_labels=True)
+    expanded = processor(
+        text=prompt, images=[photo()], return_offsets_mapping=True, return_text_replacement_offsets=True
+    )
+    (entry,) = expanded["text_replacement_offsets"][0]
+    wide = prompt.replace("<image>", entry["replacement"])
+    for ids, offsets, text in [(plain["input_ids"][0], plain["offset_mapping"][0], prompt),
+                               (expanded["input_ids"][0], expanded["offset_mapping"][0], wide)]:
+        pieces = [text[s:e] for s, e in offsets]
+        assert pieces[0] == "<s>" and pieces[-1] == "</s>" and "".join(pieces[-4:-1]).strip() == "A dog."
+        image_pieces = [p for i, p in zip(ids, pieces) if i == processor.image_token_id]
+        assert image_pieces == ["<image>"] * processor.num_visual_tokens
+    assert plain["labels"][0][-1] == processor.tokenizer.eos_token_id  # a written </s> is kept, and learned
