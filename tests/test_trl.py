@@ -49,9 +49,7 @@ def load(folder):
 
 
 def sft_dataset():
-    rows = [
-        {"images": [photo(i)], "messages": [user_turn(q), assistant_turn(a)]} for i, (q, a) in enumerate(QA)
-    ]
+    rows = [{"images": [photo(i)], "messages": [user_turn(q), assistant_turn(a)]} for i, (q, a) in enumerate(QA)]
     return datasets.Dataset.from_list(rows)
 
 
