@@ -73,8 +73,11 @@ class HoneybeeAttention(nn.Module):
 
     is_causal = False
 
-    def attention_interface(self):
-        if self.config._attn_implementation is None:  # a module built outside a model: its config was never resolved
+    def attention_interface(self, dtype):
+        implementation = self.config._attn_implementation
+        # sdpa for a module built outside a model (its config was never resolved), and for the fp32 D-Abstractor
+        # inside a half-precision model that runs flash attention (fp16/bf16 only)
+        if implementation is None or ("flash" in implementation and dtype == torch.float32):
             return ALL_ATTENTION_FUNCTIONS["sdpa"]
         if self.config._attn_implementation == "eager":
             return eager_attention_forward
@@ -99,7 +102,9 @@ class HoneybeeVisionAttention(HoneybeeAttention):
             proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )  # (B, nh, T, hd)
-        out, _ = self.attention_interface()(self, q, k, v, None, dropout=0.0, scaling=self.scale, is_causal=False)
+        out, _ = self.attention_interface(q.dtype)(
+            self, q, k, v, None, dropout=0.0, scaling=self.scale, is_causal=False
+        )
         return self.out_proj(out.reshape(B, T, C))  # out: (B, T, nh, hd)
 
 
@@ -386,7 +391,9 @@ class HoneybeeSelfAttention(HoneybeeAttention):
         split = lambda t: t.view(B, M, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, nh, M, hd)
         q, k, v = split(self.q_proj(x + pos)), split(self.k_proj(x + pos)), split(self.v_proj(x))
         dropout = self.dropout if self.training else 0.0
-        out, _ = self.attention_interface()(self, q, k, v, None, dropout=dropout, scaling=self.scale, is_causal=False)
+        out, _ = self.attention_interface(q.dtype)(
+            self, q, k, v, None, dropout=dropout, scaling=self.scale, is_causal=False
+        )
         return self.out_proj(out.reshape(B, M, C))  # out: (B, M, nh, hd)
 
 
@@ -521,6 +528,8 @@ class HoneybeePreTrainedModel(PreTrainedModel):
     _supports_flash_attn_2 = True  # transformers 4
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # prefill and decode compile with fullgraph=True (tests/test_model_contract.py): generate may compile the decode
+    _can_compile_fullgraph = True
 
     def _keep_projector_in_fp32(self):
         if self.config.projector_config.projector_type == "d-abs":
