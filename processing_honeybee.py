@@ -25,7 +25,7 @@ from tokenizers import Tokenizer, normalizers
 from transformers import BatchFeature, Pipeline
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, load_image
-from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, TextKwargs
+from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, TextKwargs, Unpack
 
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
@@ -296,9 +296,7 @@ def image_processor_config(image_processor, processor_class):
         "processor_class": processor_class,
         **{
             key: getattr(image_processor, key)
-            for key in (
-                "do_resize", "do_center_crop", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb"
-            )
+            for key in ("do_resize", "do_center_crop", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb")
         },
         "resample": int(image_processor.resample),
         "image_mean": [float(x) for x in image_processor.image_mean],
@@ -327,8 +325,13 @@ class HoneybeeProcessorKwargs(ProcessingKwargs, total=False):
 
 # Tokenizer options HoneybeeProcessor cannot honour: refused rather than ignored.
 _UNSUPPORTED_TEXT_OPTIONS = (
-    "text_pair", "text_target", "text_pair_target", "is_split_into_words", "return_overflowing_tokens",
-    "return_special_tokens_mask", "stride",
+    "text_pair",
+    "text_target",
+    "text_pair_target",
+    "is_split_into_words",
+    "return_overflowing_tokens",
+    "return_special_tokens_mask",
+    "stride",
 )
 
 
@@ -449,13 +452,15 @@ class HoneybeeProcessor(ProcessorMixin):
                     offsets += [(new_begin + k * width, new_begin + (k + 1) * width) for k in range(n)]
                 else:
                     offsets += [(begin, end)] * n
-                replacements.append({
-                    "type": "image",
-                    "span": (begin, end),
-                    "new_span": (new_begin, new_begin + len(replacement)),
-                    "text": self.image_token,
-                    "replacement": replacement,
-                })
+                replacements.append(
+                    {
+                        "type": "image",
+                        "span": (begin, end),
+                        "new_span": (new_begin, new_begin + len(replacement)),
+                        "text": self.image_token,
+                        "replacement": replacement,
+                    }
+                )
                 gain += len(replacement) - (end - begin)
                 continue
             piece, piece_offsets = next(encoded)
@@ -517,7 +522,7 @@ class HoneybeeProcessor(ProcessorMixin):
         it = iter(images)
         return [[next(it) for _ in range(n)] for n in counts]
 
-    def __call__(self, images=None, text=None, audio=None, videos=None, **kwargs):
+    def __call__(self, images=None, text=None, audio=None, videos=None, **kwargs: Unpack[HoneybeeProcessorKwargs]):
         """`text`: a prompt or a list of prompts (see the class docstring); `images`: an image, a list, or one list
         per prompt. Without `return_labels` a prompt's final answer is left open for generation (its `</s>` is not
         added), as the official inference does; a `</s>` written in the prompt (the chat template's) is kept."""

@@ -7,8 +7,9 @@ the loaded model computes: run by the cross-version processor tests under the ot
 
 import sys
 
-from load_and_run import load, run
 from safetensors.torch import save_file
+
+from load_and_run import load, run
 
 if __name__ == "__main__":
     source, folder, out = sys.argv[1:4]

@@ -46,8 +46,12 @@ def test_saved_there_loads_here(tmp_path, projector_type):
 
 
 PROCESSOR_FILES = [
-    "processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "special_tokens_map.json",
-    "tokenizer.json", "chat_template.jinja",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "chat_template.jinja",
 ]
 
 

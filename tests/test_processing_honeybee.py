@@ -679,14 +679,14 @@ def jpeg_bytes(image):
 
 @pytest.fixture
 def http_server(tmp_path, monkeypatch):
-    """A local HTTP server on 127.0.0.1 serving `tmp_path/www`; image downloads time out after 5 s."""
+    """A local HTTP server on 127.0.0.1 serving `tmp_path/www`; image downloads time out after 2 s."""
     import functools
     import http.server
     import threading
 
     import honeybee_hf.processing_honeybee as module
 
-    monkeypatch.setattr(module, "IMAGE_URL_TIMEOUT", 5.0)
+    monkeypatch.setattr(module, "IMAGE_URL_TIMEOUT", 2.0)
     root = tmp_path / "www"
     root.mkdir()
 
@@ -919,3 +919,37 @@ def test_offsets_index_the_prompt_or_the_expanded_prompt(processor):
         image_pieces = [p for i, p in zip(ids, pieces) if i == processor.image_token_id]
         assert image_pieces == ["<image>"] * processor.num_visual_tokens
     assert plain["labels"][0][-1] == processor.tokenizer.eos_token_id  # a written </s> is kept, and learned
+
+
+def test_push_to_hub_uploads_the_version_neutral_files(processor, tmp_path, monkeypatch):
+    """`push_to_hub` and `save_pretrained(push_to_hub=True)` upload what `save_pretrained` writes (the Hub is faked:
+    repo creation and upload are the library's own calls, replaced here by a copy of the uploaded folder)."""
+    import shutil
+    import types
+
+    import transformers.utils.hub as hub
+
+    uploads = []
+
+    def upload(self, working_dir, repo_id, files_timestamps, **kwargs):
+        uploads.append((repo_id, tmp_path / f"upload{len(uploads)}"))
+        shutil.copytree(working_dir, uploads[-1][1])
+
+    class Api:
+        def create_repo(self, repo_id, **kwargs):
+            return types.SimpleNamespace(repo_id=repo_id)
+
+    card = types.SimpleNamespace(save=lambda path: None)  # the library would fetch the repo's model card
+    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda *args, **kwargs: card)
+    monkeypatch.setattr(hub, "hf_api", lambda *args, **kwargs: Api(), raising=False)  # transformers 5
+    monkeypatch.setattr(type(processor), "_create_repo", lambda self, repo_id, **kwargs: repo_id, raising=False)  # 4
+    monkeypatch.setattr(type(processor), "_upload_modified_files", upload)
+    monkeypatch.chdir(tmp_path)  # transformers 4 stages the upload in ./<repo name> if that folder exists
+    processor.push_to_hub("someone/honeybee-toy")
+    local = tmp_path / "local" / "honeybee-toy"
+    processor.save_pretrained(local, push_to_hub=True, repo_id="someone/honeybee-toy")
+    expected = {p.name: p.read_bytes() for p in local.iterdir()}
+    assert [repo for repo, _ in uploads] == ["someone/honeybee-toy"] * 2
+    for _, folder in uploads:
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == expected
+    assert json.loads(expected["tokenizer_config.json"])["tokenizer_class"] == "PreTrainedTokenizerFast"
