@@ -25,7 +25,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
+PHOTOS = sorted((REPO / "assets" / "images").glob("*.jpeg"))
 _folder_ids = itertools.count()
+
+
+def photo(i=0):
+    """One of the repository's real photographs, as a PIL image."""
+    from PIL import Image
+
+    return Image.open(PHOTOS[i])
 
 
 @pytest.fixture

@@ -9,20 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from conftest import REPO
+from conftest import photo
 from honeybee_hf.export.tiny import tiny_config, tiny_model, tiny_processor
 
 TF4 = transformers.__version__.startswith("4.")
-PHOTOS = sorted((REPO / "assets" / "images").glob("*.jpeg"))
 PROJECTORS = ["c-abs", "d-abs"]
 TWO_IMAGES = "A chat.\nHuman: <image>\nHuman: <image>\nHuman: What differs?\nAI: "
-
-
-def photo(i=0):
-    return Image.open(PHOTOS[i])
 
 
 def build(projector_type, seed=0):

@@ -12,10 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO, TESTS, run_script
+from conftest import TESTS, photo, run_script
 from honeybee_hf.configuration_honeybee import HoneybeeConfig, HoneybeeProjectorConfig
 from honeybee_hf.export.tiny import tiny_config, tiny_model, tiny_processor
 
@@ -23,13 +22,8 @@ sys.path.insert(0, str(TESTS))
 from load_and_run import load  # noqa: E402
 
 TF4 = transformers.__version__.startswith("4.")
-PHOTOS = sorted((REPO / "assets" / "images").glob("*.jpeg"))
 PROJECTORS = ["c-abs", "d-abs"]
 TRAINING_PROMPT = "A chat.\nHuman: <image>\nHuman: {q}\nAI: {a}"
-
-
-def photo(i=0):
-    return Image.open(PHOTOS[i])
 
 
 @pytest.mark.parametrize("projector_type", PROJECTORS)

@@ -8,11 +8,9 @@ and that loading through the meta device leaves no meta tensor and no uninitiali
 import pytest
 import torch
 import transformers
-from PIL import Image
 
-from conftest import REPO
+from conftest import photo
 
-PHOTO = sorted((REPO / "assets" / "images").glob("*.jpeg"))[0]
 PARTS = {"clip": "model.vision_tower", "projector": "model.abstractor", "llm": "model.language_model"}
 DEVICE_MAPS = {  # what goes to disk; the rest stays on the CPU
     **{f"{name} only": [module] for name, module in PARTS.items()},
@@ -21,7 +19,7 @@ DEVICE_MAPS = {  # what goes to disk; the rest stays on the CPU
 
 
 def inputs_for(processor):
-    images = [Image.open(PHOTO), Image.open(PHOTO).rotate(90)]
+    images = [photo(0), photo(0).rotate(90)]
     return processor(images=images, text=["What is in the image?", "Describe it."], return_tensors="pt")
 
 
