@@ -3,13 +3,11 @@
 task runner hands it), so nothing is downloaded."""
 
 import pytest
-from PIL import Image
 
-from conftest import REPO
+from conftest import photo
 
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (scripts/setup_envs.sh installs it)")
 
-PHOTOS = sorted((REPO / "assets" / "images").glob("*.jpeg"))
 TASK, SPLIT = "local_vqa", "test"
 QUESTIONS = ["What is in the image?", "Describe it.", "Who is this?", "What colour is it?"]
 
@@ -48,7 +46,7 @@ def answer_all(lm, docs, max_new_tokens):
 def test_huggingface_backend_batched_equals_one_by_one(tiny_folder):
     folder, _, _ = tiny_folder("c-abs", seed=3)
     # prompts of different lengths, so the batch is padded
-    docs = [{"image": Image.open(p).convert("RGB"), "question": q} for p, q in zip(PHOTOS, QUESTIONS)]
+    docs = [{"image": photo(i), "question": q} for i, q in enumerate(QUESTIONS)]
     batched = lmms_eval_model(folder, batch_size=len(docs))
     assert type(batched.model).__name__ == "HoneybeeForConditionalGeneration"  # a class that generates
     # lmms-eval loads in bfloat16; fp32 keeps the padded-vs-unpadded comparison clear of bf16 near-ties.

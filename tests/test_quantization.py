@@ -5,14 +5,12 @@ fp32, and QLoRA (4-bit base + LoRA) trains. Loaded as users do: a Hub folder thr
 import pytest
 import torch
 import transformers
-from PIL import Image
 from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from conftest import REPO
+from conftest import photo
 
 TF4 = transformers.__version__.startswith("4.")
-PHOTO = REPO / "assets" / "images" / "ca.jpeg"
 # bitsandbytes' CPU 4-bit kernels need input widths that are multiples of 64 and output widths of 32: a tiny LLM
 # that wide (4 heads of 16, 2 key/value heads).
 WIDE_TEXT = dict(hidden_size=64, intermediate_size=128, head_dim=16)
@@ -62,7 +60,7 @@ def load(folder, **kwargs):
 
 def image_inputs(folder):
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    return processor(images=Image.open(PHOTO), text="What is in the image?", return_tensors="pt")
+    return processor(images=photo(), text="What is in the image?", return_tensors="pt")
 
 
 def is_quantized(linear):

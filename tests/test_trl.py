@@ -5,16 +5,14 @@ dataset (`messages` + `images`), with the loss on the assistant turns only, and 
 import pytest
 import torch
 import transformers
-from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from conftest import REPO
+from conftest import photo
 
 pytest.importorskip("trl", reason="TRL is not installed (scripts/setup_envs.sh installs it)")
 datasets = pytest.importorskip("datasets", reason="datasets is not installed (TRL needs it)")
 
 TF4 = transformers.__version__.startswith("4.")
-PHOTOS = sorted((REPO / "assets" / "images").glob("*.jpeg"))
 QA = [
     ("What is in the image?", "A man in a suit."),
     ("What colour is the car?", "Red and shiny."),
@@ -23,10 +21,6 @@ QA = [
 # LoRA on the language model only: a plain list of names would also match CLIP's q_proj/k_proj/v_proj.
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 COMMON_ARGS = dict(report_to=[], save_strategy="no", logging_steps=1, bf16=False, max_length=None, seed=0)
-
-
-def photo(i):
-    return Image.open(PHOTOS[i]).convert("RGB")
 
 
 def user_turn(question):
