@@ -8,7 +8,7 @@ Nothing here touches the network.
 
 import math
 
-from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, PretrainedConfig
+from transformers import AutoConfig, AutoModelForImageTextToText, CLIPVisionConfig, LlamaConfig, PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.utils import logging
 
@@ -288,5 +288,13 @@ def _vicuna_7b():
         pad_token_id=0,
     )
 
+
+# Generic evaluators pick the Auto class from the model type before they load the model: lmms-eval's `huggingface`
+# backend (0.7.3) takes AutoModelForImageTextToText when `config.model_type` is among its mapping's keys, and otherwise
+# AutoModel, which is Honeybee's backbone and cannot generate. Only this file is imported by then, so the model type is
+# registered here (transformers 5's mapping takes a model-type key). Loading never reads this entry (the class comes
+# from `auto_map`); pipelines only list the `__name__` of its value, which must be a class: the model class cannot be
+# imported from here (modeling_honeybee.py imports this file), so the config class stands in.
+AutoModelForImageTextToText._model_mapping.register(HoneybeeConfig.model_type, HoneybeeConfig, exist_ok=True)
 
 __all__ = ["HoneybeeConfig", "HoneybeeProjectorConfig"]

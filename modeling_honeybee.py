@@ -619,6 +619,11 @@ class HoneybeeModel(HoneybeePreTrainedModel):
     """The backbone: `vision_tower` (CLIP) -> `abstractor` (C- or D-Abstractor) -> `language_model` (the LLM
     without its head). Returns the LLM's last hidden states, as transformers' `LlavaModel`."""
 
+    # Quantizers (bitsandbytes, torchao) skip these modules -- they read this list, not `_keep_in_fp32_modules_strict`
+    # -- so only the language model is quantized (lm_head is left alone by their own default). The list's other
+    # effect is transformers': a float16 load, or a bitsandbytes load on transformers 4, keeps these modules in fp32.
+    _keep_in_fp32_modules = ["vision_tower", "abstractor"]
+
     def __init__(self, config: HoneybeeConfig, kernel_backend=None):
         super().__init__(config)
         vc, pc = config.vision_config, config.projector_config
@@ -751,6 +756,9 @@ class HoneybeeForConditionalGeneration(HoneybeePreTrainedModel, GenerationMixin)
     # Only read when the text config ties the head to the embeddings (Vicuna does not): a list on transformers 4,
     # a target -> source dict on 5.
     _tied_weights_keys = ["lm_head.weight"] if TF4 else {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # HoneybeeModel's list seen from here: transformers 5 matches the quantizers' skip list from the root of the module
+    # names, transformers 4 anywhere in them (and accepts only bare module names).
+    _keep_in_fp32_modules = [name if TF4 else f"model.{name}" for name in HoneybeeModel._keep_in_fp32_modules]
 
     def __init__(self, config: HoneybeeConfig, kernel_backend=None):
         super().__init__(config)

@@ -165,8 +165,7 @@ def load_model(args, training_args):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute,
-            llm_int8_skip_modules=["vision_tower", "abstractor", "lm_head"],  # only the LLM's linear layers
-        )
+        )  # only the LLM is quantized: the model lists its vision tower and abstractor, lm_head is the default
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     return AutoModelForImageTextToText.from_pretrained(args.model, **kwargs)
 
