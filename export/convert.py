@@ -510,7 +510,7 @@ def convert_official_checkpoint(
                 writer.add(mapped)
                 del mapped
             writer.finish()
-            write_support_files(config, processor, staging, card, tokenizer_backend=backend)
+            write_support_files(config, processor, staging, card)
     return out
 
 

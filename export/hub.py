@@ -15,7 +15,6 @@ from pathlib import Path
 
 from transformers import GenerationConfig
 
-from .tokenizer import save_tokenizer_files
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 CODE_FILES = ["configuration_honeybee.py", "modeling_honeybee.py", "processing_honeybee.py", "kernels_honeybee.py"]
@@ -70,38 +69,6 @@ def generation_config_for(config, max_new_tokens=256):
     )
 
 
-def save_processor_files(processor, out_dir, tokenizer_backend=None):
-    image_processor = processor.image_processor
-    image_config = {
-        "image_processor_type": "CLIPImageProcessor",
-        "processor_class": "HoneybeeProcessor",
-        "do_resize": True,
-        "size": dict(image_processor.size),
-        "resample": int(image_processor.resample),
-        "do_center_crop": False,
-        "do_rescale": True,
-        "rescale_factor": image_processor.rescale_factor,
-        "do_normalize": True,
-        "image_mean": list(image_processor.image_mean),
-        "image_std": list(image_processor.image_std),
-        "do_convert_rgb": True,
-    }
-    (out_dir / "preprocessor_config.json").write_text(json.dumps(image_config, indent=2) + "\n")
-    processor_config = {
-        "processor_class": "HoneybeeProcessor",
-        "auto_map": {"AutoProcessor": AUTO_MAP["AutoProcessor"]},
-        "num_query_tokens": processor.num_query_tokens,
-        "num_eos_tokens": processor.num_eos_tokens,
-        "image_token": processor.image_token,
-    }
-    (out_dir / "processor_config.json").write_text(json.dumps(processor_config, indent=2) + "\n")
-    (out_dir / "chat_template.jinja").write_text(processor.chat_template)
-    backend = tokenizer_backend if tokenizer_backend is not None else processor.tokenizer.backend_tokenizer
-    image_token_id = save_tokenizer_files(backend, out_dir, processor.tokenizer.model_max_length)
-    _patch_json(out_dir / "tokenizer_config.json", lambda c: c.update(processor_class="HoneybeeProcessor"))
-    return image_token_id
-
-
 def _check_visual_tokens(config, processor):
     if processor.num_visual_tokens != config.num_visual_tokens:
         raise ValueError(
@@ -110,24 +77,21 @@ def _check_visual_tokens(config, processor):
         )
 
 
-def write_support_files(config, processor, folder, model_card=None, tokenizer_backend=None):
+def write_support_files(config, processor, folder, model_card=None):
     """Everything of a Hub folder but the weights, into `folder`, which already holds `config.json`: patches it
     (auto_map, custom pipeline, keys both versions read), then writes generation_config.json (greedy), the processor
-    and tokenizer files, the remote-code files and, if given, the model card `README.md`.
-
-    `tokenizer_backend`: the `tokenizers.Tokenizer` to write as tokenizer.json (default: the processor's). The
-    converter passes the one it built from sentencepiece: transformers 5 rebuilds a loaded Llama tokenizer's
-    pipeline, and writing the original keeps tokenizer.json the same whichever version converts."""
+    and tokenizer files (`HoneybeeProcessor.save_pretrained`, version-neutral), the remote-code files and, if given,
+    the model card `README.md`."""
     folder = Path(folder)
     _check_visual_tokens(config, processor)
     _patch_json(folder / "config.json", _version_neutral_config)
     generation_config_for(config).save_pretrained(folder)
     # Written out even where they are the defaults (transformers 4 drops those): greedy, as the official evaluation.
     _patch_json(folder / "generation_config.json", lambda c: c.update(do_sample=False, num_beams=1))
-    image_token_id = save_processor_files(processor, folder, tokenizer_backend)
-    if image_token_id != config.image_token_id:
+    processor.save_pretrained(folder)
+    if processor.image_token_id != config.image_token_id:
         raise ValueError(
-            f"the tokenizer puts <image> at id {image_token_id} but the model's image_token_id is "
+            f"the tokenizer puts <image> at id {processor.image_token_id} but the model's image_token_id is "
             f"{config.image_token_id}"
         )
     for name in CODE_FILES:

@@ -2,14 +2,16 @@
 
 The official Honeybee uses Vicuna's sentencepiece `tokenizer.model` through the slow, legacy `LlamaTokenizer`. The
 fast `tokenizer.json` is built here from the sentencepiece model directly: transformers 4 and 5 convert it with
-different merge orders (different ids for some words), and 5.x writes a `tokenizer_config.json` that 4.x cannot
-read. `tokenizer_config.json` is therefore written by hand, with only keys both versions understand.
+different merge orders (different ids for some words). The files themselves are written by the processor module
+(`tokenizer_files`), which `HoneybeeProcessor.save_pretrained` uses too.
 """
 
-import json
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+from transformers import PreTrainedTokenizerFast
+
+from ..processing_honeybee import sentencepiece_front_end, tokenizer_files, write_text_atomic
 
 IMAGE_TOKEN = "<image>"
 SPECIALS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>"}
@@ -66,49 +68,21 @@ def load_backend(source):
 def save_tokenizer_files(backend, out_dir, model_max_length=4096):
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json; returns the `<image>` id.
 
-    `backend` is a `tokenizers.Tokenizer` (`load_backend`, or a loaded tokenizer's `backend_tokenizer`). `<image>`
-    is appended as a special token unless present (id = the base vocabulary size); pad is `<unk>`, as the
-    official code pads; padding is on the left, for batched generation.
+    `backend` is a `tokenizers.Tokenizer` (`load_backend`). It gets sentencepiece's legacy front end and `<image>` as
+    a special token unless present (id = the base vocabulary size); pad is `<unk>`, as the official code pads;
+    padding is on the left, for batched generation.
     """
-    out_dir = Path(out_dir)
     backend = Tokenizer.from_str(backend.to_str())  # a copy: the front end is reset below
-    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.normalizer = sentencepiece_front_end()
     backend.pre_tokenizer = None
     backend.add_special_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)])
-    backend.save(str(out_dir / "tokenizer.json"))
-    added = {
-        str(backend.token_to_id(t)): {
-            "content": t,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": True,
-        }
-        for t in [*SPECIALS.values(), IMAGE_TOKEN]
-    }
-    config = {
-        "tokenizer_class": "LlamaTokenizerFast",
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "unk_token": "<unk>",
-        "pad_token": "<unk>",
-        "additional_special_tokens": [IMAGE_TOKEN],
-        "added_tokens_decoder": added,
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "legacy": True,
-        "padding_side": "left",
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": model_max_length,
-    }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    specials = {
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "unk_token": "<unk>",
-        "pad_token": "<unk>",
-        "additional_special_tokens": [IMAGE_TOKEN],
-    }
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        **{f"{name}_token": token for name, token in SPECIALS.items()},
+        pad_token=SPECIALS["unk"],
+        padding_side="left",
+        model_max_length=model_max_length,
+    )
+    for name, text in tokenizer_files(tokenizer).items():
+        write_text_atomic(Path(out_dir) / name, text)
     return backend.token_to_id(IMAGE_TOKEN)

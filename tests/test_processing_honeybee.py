@@ -163,9 +163,15 @@ def test_final_answer_eos_follows_official_no_eos(processor, toy):
     assert multi_turn == tensors["case4.input_ids"].tolist() and eos in multi_turn
 
 
+def plain_ids(tokenizer, text, **kwargs):
+    return tokenizer(text, add_special_tokens=False, **kwargs)["input_ids"]
+
+
 @pytest.mark.parametrize("text", TRICKY)
-def test_chunk_tokenizer_matches_sentencepiece(processor, spm, text):
-    assert processor._chunk_tokenizer().encode(text, add_special_tokens=False).ids == spm.encode(text)
+def test_tokenizer_matches_sentencepiece(processor, spm, text):
+    """`processor.tokenizer`, the one tokenizer every collator calls, is sentencepiece's legacy Llama tokenisation."""
+    assert plain_ids(processor.tokenizer, text) == spm.encode(text)
+    assert processor.tokenizer(text)["input_ids"] == [spm.bos_id()] + spm.encode(text)
 
 
 def test_encode_prompt_matches_sentencepiece_reference(processor, spm):
@@ -192,16 +198,15 @@ def test_special_token_text_is_split_as_slow_llama(processor, spm, text):
     expected = []
     for piece in (p for p in re.split("(<s>|</s>|<unk>)", text) if p):
         expected += [spm.piece_to_id(piece)] if piece in ("<s>", "</s>", "<unk>") else spm.encode(piece)
-    assert processor._chunk_tokenizer().encode(text, add_special_tokens=False).ids == expected
+    assert plain_ids(processor.tokenizer, text) == expected
 
 
 @pytest.mark.skipif(TF_MAJOR >= 5, reason="transformers 5 has no slow sentencepiece LlamaTokenizer")
-def test_chunk_tokenizer_matches_slow_legacy_llama_tokenizer(processor):
+def test_tokenizer_matches_slow_legacy_llama_tokenizer(processor):
     """The class the official code loads: slow `LlamaTokenizer(legacy=True)`, chunks with add_special_tokens=False."""
     slow = transformers.LlamaTokenizer(str(TOY_SPM), legacy=True)
-    chunk = processor._chunk_tokenizer()
     for text in TRICKY + SPECIAL_IN_TEXT + [HUMAN, AI, SYSTEM_PROMPT]:
-        assert chunk.encode(text, add_special_tokens=False).ids == slow.encode(text, add_special_tokens=False), text
+        assert plain_ids(processor.tokenizer, text) == slow.encode(text, add_special_tokens=False), text
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,31 +246,36 @@ def user(*content):
 
 
 def test_chat_template_renders_official_prompts(processor, toy):
+    """The official prompts, with the `<s>` the official tokenizer adds and the `</s>` it ends each answer with
+    written out, so that any tokenizer call on the rendering (TRL's, vLLM's) gets them."""
     meta, _ = toy
     question = [user({"type": "image"}, {"type": "text", "text": "What is in the image?"})]
     rendered = processor.apply_chat_template(question, add_generation_prompt=True, tokenize=False)
-    assert rendered == f"{SYSTEM_PROMPT}\nHuman: <image>\nHuman: What is in the image?\nAI: " == meta["cases"][0]["prompt"]
+    assert rendered == f"<s>{SYSTEM_PROMPT}\nHuman: <image>\nHuman: What is in the image?\nAI: "
+    assert rendered == "<s>" + meta["cases"][0]["prompt"]
 
     custom = [{"role": "system", "content": "Be brief."}, *question]
     assert processor.apply_chat_template(custom, add_generation_prompt=True, tokenize=False) == (
-        "Be brief.\nHuman: <image>\nHuman: What is in the image?\nAI: "
+        "<s>Be brief.\nHuman: <image>\nHuman: What is in the image?\nAI: "
     )
     custom[0]["content"] = [{"type": "text", "text": "Be brief."}]
-    assert processor.apply_chat_template(custom, add_generation_prompt=True, tokenize=False).startswith("Be brief.\nHuman: ")
+    assert processor.apply_chat_template(custom, add_generation_prompt=True, tokenize=False).startswith("<s>Be brief.\nHuman: ")
 
     history = question + [
         {"role": "assistant", "content": [{"type": "text", "text": "A dog."}]},
         user({"type": "text", "text": "What color is it?"}),
     ]
     assert processor.apply_chat_template(history, add_generation_prompt=True, tokenize=False) == (
-        f"{SYSTEM_PROMPT}\nHuman: <image>\nHuman: What is in the image?\nAI: A dog.\nHuman: What color is it?\nAI: "
+        f"<s>{SYSTEM_PROMPT}\nHuman: <image>\nHuman: What is in the image?\nAI: A dog.</s>\nHuman: What color is it?\nAI: "
     )
     text_only = [  # the official multi-turn, text-only fixture prompt; plain-string contents
         {"role": "user", "content": "Is there a cat?"},
         {"role": "assistant", "content": "No"},
         {"role": "user", "content": "Explain why this meme is funny."},
     ]
-    assert processor.apply_chat_template(text_only, add_generation_prompt=True, tokenize=False) == meta["cases"][4]["prompt"]
+    rendered = processor.apply_chat_template(text_only, add_generation_prompt=True, tokenize=False)
+    assert rendered == "<s>" + meta["cases"][4]["prompt"].replace("\nAI: No", "\nAI: No</s>")
+    assert not processor.apply_chat_template(text_only, tokenize=False).endswith("\nAI: ")  # no generation prompt
 
 
 def test_chat_template_tokenized_equals_processor(processor, toy):
@@ -514,9 +524,7 @@ def test_processor_round_trip_through_hub_folder(processor, tmp_path):
         for key in ours:
             assert torch.equal(ours[key], theirs[key]), key
     for text in TRICKY:
-        assert loaded._chunk_tokenizer().encode(text, add_special_tokens=False).ids == (
-            processor._chunk_tokenizer().encode(text, add_special_tokens=False).ids
-        )
+        assert plain_ids(loaded.tokenizer, text) == plain_ids(processor.tokenizer, text)
     messages = [user({"type": "image"}, {"type": "text", "text": "What?"})]
     assert loaded.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == (
         processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -42,7 +42,7 @@ from transformers import (
     set_seed,
 )
 
-from ..export.hub import save_processor_files, save_hub_folder
+from ..export.hub import save_hub_folder
 from ..processing_honeybee import SYSTEM_PROMPT
 from .data import BadSampleError, HoneybeeCollator, HoneybeeConversationDataset
 
@@ -425,7 +425,7 @@ def _run(argv, callbacks):
         where = output_dir / "adapter"
         trainer.save_model(str(where))
         if trainer.is_world_process_zero():
-            save_processor_files(processor, where)  # the files transformers 5 writes do not load in 4.x
+            processor.save_pretrained(where)  # version-neutral files (HoneybeeProcessor.save_pretrained)
     else:
         save_full_model(trainer, processor, output_dir / "model")
         where = output_dir / "model"
