@@ -195,17 +195,8 @@ def quantize(src, out, scheme, images=None, force=False, log=print):
             raise ValueError(f"the {scheme} model's logits are not finite on the calibration photos; {out} not written")
         log(f"logit drift: {drift.describe()}")
         card = _model_card(src, quantized.config) + quantization_section(scheme, len(inputs), drift, images)
-        write_support_files(quantized.config, processor, staging, card, tokenizer_backend=_source_tokenizer(src))
+        write_support_files(quantized.config, processor, staging, card)
     return drift
-
-
-def _source_tokenizer(src):
-    """The source folder's tokenizer.json as it is: transformers 5 rebuilds a loaded Llama tokenizer's pipeline, and
-    copying the original keeps the quantized folder's tokenizer identical to the source's."""
-    from tokenizers import Tokenizer
-
-    path = Path(src) / "tokenizer.json"
-    return Tokenizer.from_file(str(path)) if path.is_file() else None
 
 
 def build_parser():
