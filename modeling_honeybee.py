@@ -19,23 +19,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModel, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_honeybee import HoneybeeConfig
 from .kernels_honeybee import adaptive_avg_pool, cabs_dwconv_block, ln_residual_silu, ln_residual_silu_pool, msda
 
-
-@dataclass
-class HoneybeeCausalLMOutputWithPast(CausalLMOutputWithPast):
-    """`CausalLMOutputWithPast` plus `image_hidden_states`: the projector outputs (num_images, M + n_eos, D)."""
-
-    image_hidden_states: torch.FloatTensor | None = None
+TF4 = transformers.__version__.startswith("4.")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -56,10 +52,41 @@ class HoneybeeVisionEmbeddings(nn.Module):
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, Cv, h, w)
         x = x.flatten(2).transpose(1, 2)  # (B, N, Cv), row-major
         cls = self.class_embedding.to(x.dtype).expand(B, 1, -1)
-        return torch.cat([cls, x], dim=1) + self.position_embedding.weight  # (B, 1+N, Cv)
+        positions = torch.arange(self.position_embedding.num_embeddings, device=x.device)
+        # called, not read: an offloaded embedding only gets its weight while its own forward runs
+        return torch.cat([cls, x], dim=1) + self.position_embedding(positions)  # (B, 1+N, Cv)
 
 
-class HoneybeeVisionAttention(nn.Module):
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Softmax attention in plain PyTorch, with the signature of transformers' attention functions:
+    (B, nh, T, hd) query/key/value -> ((B, T, nh, hd) output, (B, nh, T, T) weights)."""
+    weights = (query @ key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.dropout(weights.softmax(-1, dtype=torch.float32).to(query.dtype), p=dropout, training=module.training)
+    return (weights @ value).transpose(1, 2).contiguous(), weights
+
+
+class HoneybeeAttention(nn.Module):
+    """Base of our attention layers: the attention function is looked up on every call from the config, so
+    `set_attn_implementation` switches it at runtime, as for transformers' own models."""
+
+    is_causal = False
+
+    def attention_interface(self, dtype):
+        implementation = self.config._attn_implementation
+        # sdpa for a module built outside a model (its config was never resolved), and for the fp32 D-Abstractor
+        # inside a half-precision model that runs flash attention (fp16/bf16 only)
+        if implementation is None or ("flash" in implementation and dtype == torch.float32):
+            return ALL_ATTENTION_FUNCTIONS["sdpa"]
+        if self.config._attn_implementation == "eager":
+            return eager_attention_forward
+        if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # transformers 5: checks the name
+            return ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        return ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]  # transformers 4
+
+
+class HoneybeeVisionAttention(HoneybeeAttention):
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -67,7 +94,6 @@ class HoneybeeVisionAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = C // self.num_heads
         self.scale = self.head_dim**-0.5
-        self.is_causal = False
         self.k_proj, self.v_proj, self.q_proj, self.out_proj = (nn.Linear(C, C) for _ in range(4))
 
     def forward(self, x):
@@ -76,15 +102,10 @@ class HoneybeeVisionAttention(nn.Module):
             proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )  # (B, nh, T, hd)
-        implementation = self.config._attn_implementation or "sdpa"
-        if implementation == "eager":
-            attn = (q @ k.transpose(-1, -2) * self.scale).softmax(-1)  # (B, nh, T, T)
-            out = (attn @ v).transpose(1, 2)  # (B, T, nh, hd)
-        else:
-            out, _ = ALL_ATTENTION_FUNCTIONS[implementation](
-                self, q, k, v, None, dropout=0.0, scaling=self.scale, is_causal=False
-            )
-        return self.out_proj(out.reshape(B, T, C))
+        out, _ = self.attention_interface(q.dtype)(
+            self, q, k, v, None, dropout=0.0, scaling=self.scale, is_causal=False
+        )
+        return self.out_proj(out.reshape(B, T, C))  # out: (B, T, nh, hd)
 
 
 class HoneybeeVisionMLP(nn.Module):
@@ -123,15 +144,14 @@ class HoneybeeVisionTransformer(nn.Module):
         self.embeddings = HoneybeeVisionEmbeddings(config)
         self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # sic: CLIP's key name
         self.encoder = HoneybeeVisionEncoder(config)
-        # NOTE: unused (it only normalises the pooled CLS); kept so released checkpoints load without leftovers.
-        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        # CLIP's `post_layernorm` only normalises the pooled CLS, which Honeybee never reads: the converter drops it.
 
 
 class HoneybeeVisionModel(nn.Module):
     """CLIP's vision transformer. Returns `hidden_states[feature_layer_index]` with the CLS token dropped.
 
-    NOTE: the doubled `vision_model.vision_model.*` key path is transformers 4.x `CLIPVisionModel`'s, which the
-    released checkpoints use; keeping it makes every checkpoint load unchanged on transformers 4 and 5.
+    NOTE: the inner `vision_model.` is transformers 4.x `CLIPVisionModel`'s, so our keys read as LLaVA's with CLIP
+    on transformers 4 (`model.vision_tower.vision_model.*`), on every transformers version.
     """
 
     def __init__(self, config):
@@ -139,15 +159,17 @@ class HoneybeeVisionModel(nn.Module):
         self.config = config
         self.vision_model = HoneybeeVisionTransformer(config)
 
-    def forward(self, pixel_values, feature_layer_index=-1):
+    def forward(self, pixel_values, feature_layer_index=-1, output_hidden_states=False):
+        """-> ((B, N, Cv) the chosen hidden state without CLS, every hidden state (CLS included) or None)."""
         tower = self.vision_model
-        num_layers = (
-            len(tower.encoder.layers) + 1 + feature_layer_index if feature_layer_index < 0 else feature_layer_index
-        )
+        layers = tower.encoder.layers
+        chosen = len(layers) + 1 + feature_layer_index if feature_layer_index < 0 else feature_layer_index
         x = tower.pre_layrnorm(tower.embeddings(pixel_values))  # (B, 1+N, Cv): hidden_states[0]
-        for layer in tower.encoder.layers[:num_layers]:  # layers past the chosen one are never run
+        hidden_states = [x]
+        for layer in layers if output_hidden_states else layers[:chosen]:  # layers past the chosen one: not run
             x = layer(x)
-        return x[:, 1:]  # (B, N, Cv), CLS dropped
+            hidden_states.append(x)
+        return hidden_states[chosen][:, 1:], tuple(hidden_states) if output_hidden_states else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -155,22 +177,87 @@ class HoneybeeVisionModel(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
-class HoneybeeConvNormAct(nn.Module):
-    """A 1x1 or depthwise 3x3 conv and a channel LayerNorm (eps 1e-5, timm's `LayerNormAct2d`).
+# Every weight a fused op reads belongs to the module that calls the op: accelerate's offload hooks bring a
+# module's own weights to the device only while that module's forward runs, so a parent must not read its
+# children's weights. Hence the blocks below own their norms directly instead of holding timm's `conv`/`bn` children
+# (export/official.py renames the checkpoints' keys).
+_CHANNEL_NORM_EPS = 1e-5  # timm's `LayerNormAct2d`
 
-    NOTE: the norm is called `bn` (timm's name, frozen by the checkpoints) although it is a LayerNorm.
+
+class HoneybeePointwiseConv(nn.Module):
+    """A 1x1 conv without bias on token-major input, (B, N, Cin) -> (B, N, Cout): a linear map. The weight keeps
+    `nn.Conv2d`'s (Cout, Cin, 1, 1) shape."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 1, 1))
+
+    def forward(self, x):
+        return F.linear(x, self.weight.flatten(1))
+
+
+class HoneybeeProjectionShortcut(nn.Module):
+    """The bottleneck's shortcut when the width changes: 1x1 conv and channel LayerNorm (timm: `downsample`)."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.conv = HoneybeePointwiseConv(in_channels, out_channels)
+        self.bn = nn.LayerNorm(out_channels, eps=_CHANNEL_NORM_EPS)  # sic: timm's name for it
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class HoneybeeDepthwiseConvBlock(nn.Module):
+    """SiLU(LN_in(x)) -> depthwise 3x3 conv -> SiLU(LN(.)), and the per-channel means for SE, in one fused op.
+
+    `in_norm_*` is the norm of the bottleneck's first 1x1 conv (timm: `conv1.bn`), fused in here; the rest is
+    timm's `conv2`.
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size=1, groups=1):
+    def __init__(self, channels, kernel_backend):
         super().__init__()
-        self.conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, padding=kernel_size // 2, groups=groups, bias=False
-        )
-        self.bn = nn.LayerNorm(out_channels, eps=1e-5)
+        self.kernel_backend = kernel_backend
+        self.in_norm_weight = nn.Parameter(torch.ones(channels))
+        self.in_norm_bias = nn.Parameter(torch.zeros(channels))
+        self.weight = nn.Parameter(torch.empty(channels, 1, 3, 3))
+        self.norm_weight = nn.Parameter(torch.ones(channels))
+        self.norm_bias = nn.Parameter(torch.zeros(channels))
 
-    def linear(self, x):
-        """The 1x1 conv on token-major input: (B, N, Cin) -> (B, N, Cout)."""
-        return F.linear(x, self.conv.weight.flatten(1))
+    def forward(self, x, h, w):  # (B, N, C) -> ((B, N, C), (B, C) means)
+        return cabs_dwconv_block(
+            x,
+            h,
+            w,
+            self.in_norm_weight,
+            self.in_norm_bias,
+            self.weight,
+            self.norm_weight,
+            self.norm_bias,
+            _CHANNEL_NORM_EPS,
+            backend=self.kernel_backend,
+        )
+
+
+class HoneybeeOutputConv(nn.Module):
+    """The bottleneck's end: SiLU(LN(1x1 conv(y)) + shortcut), optionally average-pooled (timm: `conv3` + the
+    residual and activation)."""
+
+    def __init__(self, channels, kernel_backend):
+        super().__init__()
+        self.kernel_backend = kernel_backend
+        self.weight = nn.Parameter(torch.empty(channels, channels, 1, 1))
+        self.norm_weight = nn.Parameter(torch.ones(channels))
+        self.norm_bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, y, shortcut, h, w, pool_to=None):
+        y, weight, bias, eps = F.linear(y, self.weight.flatten(1)), self.norm_weight, self.norm_bias, _CHANNEL_NORM_EPS
+        if pool_to is None:
+            return ln_residual_silu(y, weight, bias, shortcut, eps, backend=self.kernel_backend)
+        # the pool reads this block's output straight from registers: the full-resolution map is never written
+        return ln_residual_silu_pool(
+            y, weight, bias, shortcut, eps, h, w, pool_to, pool_to, backend=self.kernel_backend
+        )
 
 
 class HoneybeeSqueezeExcite(nn.Module):
@@ -181,9 +268,8 @@ class HoneybeeSqueezeExcite(nn.Module):
         self.fc1 = nn.Conv2d(channels, width, 1)
         self.fc2 = nn.Conv2d(width, channels, 1)
 
-    def forward(self, mean):  # (B, C) -> (B, C) gates
-        s = F.silu(F.linear(mean, self.fc1.weight.flatten(1), self.fc1.bias))
-        return torch.sigmoid(F.linear(s, self.fc2.weight.flatten(1), self.fc2.bias))
+    def forward(self, mean):  # (B, C) -> (B, C) gates; the 1x1 convs run on a 1x1 map
+        return torch.sigmoid(self.fc2(F.silu(self.fc1(mean[:, :, None, None])))).flatten(1)
 
 
 class HoneybeeBottleneck(GradientCheckpointingLayer):
@@ -191,39 +277,18 @@ class HoneybeeBottleneck(GradientCheckpointingLayer):
 
     def __init__(self, in_channels, out_channels, kernel_backend):
         super().__init__()
-        self.kernel_backend = kernel_backend
-        self.conv1 = HoneybeeConvNormAct(in_channels, out_channels)
-        self.conv2 = HoneybeeConvNormAct(out_channels, out_channels, kernel_size=3, groups=out_channels)
+        self.conv1 = HoneybeePointwiseConv(in_channels, out_channels)
+        self.conv2 = HoneybeeDepthwiseConvBlock(out_channels, kernel_backend)
         self.se = HoneybeeSqueezeExcite(out_channels, round(in_channels * 0.25))
-        self.conv3 = HoneybeeConvNormAct(out_channels, out_channels)
+        self.conv3 = HoneybeeOutputConv(out_channels, kernel_backend)
         # NOTE: timm calls the projection shortcut `downsample` even at stride 1.
-        self.downsample = HoneybeeConvNormAct(in_channels, out_channels) if in_channels != out_channels else None
+        self.downsample = HoneybeeProjectionShortcut(in_channels, out_channels) if in_channels != out_channels else None
 
     def forward(self, x, h, w, pool_to=None):  # (B, N, Cin) -> (B, N, Cout), or (B, pool_to², Cout)
-        shortcut = x
-        if self.downsample is not None:
-            shortcut = self.downsample.bn(self.downsample.linear(x))
-        c1, c2, c3 = self.conv1, self.conv2, self.conv3
-        y, mean = cabs_dwconv_block(
-            c1.linear(x),
-            h,
-            w,
-            c1.bn.weight,
-            c1.bn.bias,
-            c2.conv.weight,
-            c2.bn.weight,
-            c2.bn.bias,
-            c1.bn.eps,
-            backend=self.kernel_backend,
-        )
+        shortcut = x if self.downsample is None else self.downsample(x)
+        y, mean = self.conv2(self.conv1(x), h, w)
         y = y * self.se(mean.to(y.dtype))[:, None]  # channel gates broadcast over tokens
-        y, ln = c3.linear(y), c3.bn
-        if pool_to is None:
-            return ln_residual_silu(y, ln.weight, ln.bias, shortcut, ln.eps, backend=self.kernel_backend)
-        # the pool reads this block's output straight from registers: the full-resolution map is never written
-        return ln_residual_silu_pool(
-            y, ln.weight, ln.bias, shortcut, ln.eps, h, w, pool_to, pool_to, backend=self.kernel_backend
-        )
+        return self.conv3(y, shortcut, h, w, pool_to)
 
 
 class HoneybeeRegStage(nn.Module):
@@ -310,20 +375,26 @@ class HoneybeeCAbstractor(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
-class HoneybeeSelfAttention(nn.Module):
+class HoneybeeSelfAttention(HoneybeeAttention):
     """Multi-head self-attention over the queries; position embeddings go into queries and keys only."""
 
-    def __init__(self, d_model, num_heads, dropout):
+    def __init__(self, config):
         super().__init__()
-        self.num_heads, self.dropout = num_heads, dropout
-        self.k_proj, self.v_proj, self.q_proj, self.out_proj = (nn.Linear(d_model, d_model) for _ in range(4))
+        self.config = config
+        C = config.d_model
+        self.num_heads, self.dropout = config.decoder_attention_heads, config.attention_dropout
+        self.scale = (C // self.num_heads) ** -0.5
+        self.k_proj, self.v_proj, self.q_proj, self.out_proj = (nn.Linear(C, C) for _ in range(4))
 
     def forward(self, x, pos):  # (B, M, C)
         B, M, C = x.shape
         split = lambda t: t.view(B, M, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, nh, M, hd)
         q, k, v = split(self.q_proj(x + pos)), split(self.k_proj(x + pos)), split(self.v_proj(x))
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(out.transpose(1, 2).reshape(B, M, C))
+        dropout = self.dropout if self.training else 0.0
+        out, _ = self.attention_interface(q.dtype)(
+            self, q, k, v, None, dropout=dropout, scaling=self.scale, is_causal=False
+        )
+        return self.out_proj(out.reshape(B, M, C))  # out: (B, M, nh, hd)
 
 
 class HoneybeeMultiscaleDeformableAttention(nn.Module):
@@ -356,7 +427,7 @@ class HoneybeeDeformableDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         C = config.d_model
         self.dropout, self.activation_dropout = config.dropout, config.activation_dropout
-        self.self_attn = HoneybeeSelfAttention(C, config.decoder_attention_heads, config.attention_dropout)
+        self.self_attn = HoneybeeSelfAttention(config)
         self.self_attn_layer_norm = nn.LayerNorm(C)
         self.encoder_attn = HoneybeeMultiscaleDeformableAttention(
             C, config.decoder_attention_heads, config.decoder_n_points, config.kernel_backend
@@ -410,7 +481,8 @@ class HoneybeeDAbstractor(nn.Module):
     def pooled_queries(self, values):
         """(query position, target), each (B, M, C); one of them is the adaptive-pooled visual map."""
         B, N, C = values.shape
-        learned = self.query_position_embeddings.weight.expand(B, -1, -1)
+        queries = torch.arange(self.query_position_embeddings.num_embeddings, device=values.device)
+        learned = self.query_position_embeddings(queries).expand(B, -1, -1)  # called: offloading needs its forward
         if self.pooled_v_target == "none":
             return learned.split(C, dim=-1)
         side = math.isqrt(learned.shape[1])
@@ -440,8 +512,9 @@ PROJECTOR_CLASSES = {"c-abs": HoneybeeCAbstractor, "d-abs": HoneybeeDAbstractor}
 
 class HoneybeePreTrainedModel(PreTrainedModel):
     config_class = HoneybeeConfig
-    base_model_prefix = "model"  # no such attribute: the model is its own base
+    base_model_prefix = "model"
     main_input_name = "input_ids"
+    input_modalities = ("image", "text")  # transformers 5
     supports_gradient_checkpointing = True
     _no_split_modules = [
         "HoneybeeVisionEncoderLayer",
@@ -453,7 +526,16 @@ class HoneybeePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True  # transformers 5
     _supports_flash_attn_2 = True  # transformers 4
+    _supports_flex_attn = True
     _supports_attention_backend = True
+    # prefill and decode compile with fullgraph=True (tests/test_model_contract.py): generate may compile the decode
+    _can_compile_fullgraph = True
+
+    def _keep_projector_in_fp32(self):
+        if self.config.projector_config.projector_type == "d-abs":
+            # The official D-Abstractor always ran in fp32: half-precision loads (dtype=...) keep it there.
+            # Set after post_init, which resets this attribute from the class on transformers 4 and 5.
+            self._keep_in_fp32_modules_strict = {"abstractor"}
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -484,6 +566,15 @@ class HoneybeePreTrainedModel(PreTrainedModel):
                 linear.bias.zero_()
         elif isinstance(module, HoneybeeVisionEmbeddings):
             module.class_embedding.normal_(0.0, std)
+        elif isinstance(module, HoneybeePointwiseConv):
+            module.weight.normal_(0.0, std)
+        elif isinstance(module, (HoneybeeDepthwiseConvBlock, HoneybeeOutputConv)):
+            module.weight.normal_(0.0, std)
+            module.norm_weight.fill_(1.0)
+            module.norm_bias.zero_()
+            if isinstance(module, HoneybeeDepthwiseConvBlock):
+                module.in_norm_weight.fill_(1.0)
+                module.in_norm_bias.zero_()
         elif isinstance(module, (HoneybeeCAbstractor, HoneybeeDAbstractor)):
             for name in ("pos_emb", "v_pos_emb", "eos_tokens"):
                 param = getattr(module, name, None)
@@ -491,10 +582,144 @@ class HoneybeePreTrainedModel(PreTrainedModel):
                     nn.init.trunc_normal_(param, std=std)
             if isinstance(module, HoneybeeDAbstractor):
                 module.reference_points.copy_(_initial_reference_points(module.grid, module.reference_points.shape[1]))
+        else:  # the LLM's own modules (RMSNorm, rotary buffers on transformers 5): the library's generic init
+            super()._init_weights(module)
+
+
+@dataclass
+class HoneybeeModelOutputWithPast(BaseModelOutputWithPast):
+    """`BaseModelOutputWithPast` plus `image_hidden_states`: the projector outputs (num_images, M + n_eos, D)."""
+
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class HoneybeeCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus `image_hidden_states`: the projector outputs (num_images, M + n_eos, D)."""
+
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class HoneybeeModel(HoneybeePreTrainedModel):
+    """The backbone: `vision_tower` (CLIP) -> `abstractor` (C- or D-Abstractor) -> `language_model` (the LLM
+    without its head). Returns the LLM's last hidden states, as transformers' `LlavaModel`."""
+
+    def __init__(self, config: HoneybeeConfig):
+        super().__init__(config)
+        vc, pc = config.vision_config, config.projector_config
+        self.vision_tower = HoneybeeVisionModel(vc)
+        self.abstractor = PROJECTOR_CLASSES[pc.projector_type](
+            pc, config.vision_grid**2, vc.hidden_size, config.text_config.hidden_size
+        )
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+        self._keep_projector_in_fp32()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_decoder(self):
+        return self.language_model
+
+    def set_decoder(self, decoder):
+        self.language_model = decoder
+
+    def get_image_features(self, pixel_values, return_dict=None, output_hidden_states=None, **kwargs):
+        """(num_images, 3, S, S) normalised pixels -> the visual tokens for the LLM, (num_images, M + n_eos, D).
+
+        With `return_dict=True` (transformers 5's default, as its LLaVA) a `BaseModelOutputWithPooling` whose
+        `pooler_output` holds them and `last_hidden_state` the CLIP features the projector read; otherwise the
+        tensor itself (what transformers 4 code expects: one (M + n_eos, D) row block per image).
+        `output_hidden_states=True` adds every CLIP hidden state (CLS included).
+        """
+        S = self.config.vision_config.image_size
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, S, S):
+            raise ValueError(
+                f"pixel_values must have shape (num_images, 3, {S}, {S}), got {tuple(pixel_values.shape)}; "
+                f"prepare images with HoneybeeProcessor, which resizes them to {S}x{S}"
+            )
+        features, hidden_states = self.vision_tower(
+            pixel_values, self.config.projector_config.feature_layer_index, output_hidden_states=output_hidden_states
+        )  # (n, N, Cv)
+        image_features = self.abstractor(features)  # (n, M + n_eos, D)
+        if return_dict is None:
+            return_dict = not TF4
+        if not return_dict:
+            return image_features
+        return BaseModelOutputWithPooling(
+            last_hidden_state=features, pooler_output=image_features, hidden_states=hidden_states
+        )
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds):
+        """(B, L) bool: the `<image>` placeholders, found in `input_ids`, or without them (as LLaVA) as the rows of
+        `inputs_embeds` equal to the `<image>` embedding."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_token = torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+        return (inputs_embeds == self.get_input_embeddings()(image_token)).all(-1)
+
+    def check_image_count(self, placeholders, num_images):
+        M = self.config.num_visual_tokens
+        if placeholders != num_images * M:
+            raise ValueError(
+                f"the prompt holds {placeholders} image placeholder tokens ({placeholders / M:g} images of {M} "
+                f"tokens) but {num_images} images were given; give one image per <image> and build the inputs "
+                f"with HoneybeeProcessor, which expands each <image> into {M} placeholders"
+            )
+
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        **kwargs,
+    ):
+        r"""`input_ids` (or `inputs_embeds`) hold `num_visual_tokens` placeholders per image (HoneybeeProcessor
+        writes them) and `pixel_values` the images in order; the projector outputs overwrite the placeholders."""
+        return_dict = kwargs.pop("return_dict", None)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_features = None
+        # Checks that read tensor values are skipped under torch.compile (no graph break; the processor is trusted).
+        checking = not torch.compiler.is_compiling()
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values, return_dict=False)  # (n_img, M, D)
+            slots = self.get_placeholder_mask(input_ids, inputs_embeds)
+            if checking:
+                self.check_image_count(int(slots.sum()), pixel_values.shape[0])
+            inputs_embeds = inputs_embeds.masked_scatter(slots[..., None], image_features.to(inputs_embeds.dtype))
+        elif checking and input_ids is not None and (input_ids == self.config.image_token_id).any():
+            raise ValueError("input_ids hold <image> placeholders but no pixel_values were given")
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            return_dict=True,
+            **kwargs,
+        )
+        outputs = HoneybeeModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+        return outputs if return_dict is not False else outputs.to_tuple()
 
 
 class HoneybeeForConditionalGeneration(HoneybeePreTrainedModel, GenerationMixin):
-    """Honeybee: `vision_model` (CLIP) -> `abstractor` (C- or D-Abstractor) -> `language_model` (Llama).
+    """Honeybee: the backbone `model` (`HoneybeeModel`) and the LM head `lm_head`.
 
     Example:
         >>> from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -506,62 +731,53 @@ class HoneybeeForConditionalGeneration(HoneybeePreTrainedModel, GenerationMixin)
         >>> processor.batch_decode(answer, skip_special_tokens=True)
     """
 
+    # Only read when the text config ties the head to the embeddings (Vicuna does not): a list on transformers 4,
+    # a target -> source dict on 5.
+    _tied_weights_keys = ["lm_head.weight"] if TF4 else {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
     def __init__(self, config: HoneybeeConfig):
         super().__init__(config)
-        vc, pc = config.vision_config, config.projector_config
-        self.vision_model = HoneybeeVisionModel(vc)
-        self.abstractor = PROJECTOR_CLASSES[pc.projector_type](
-            pc, config.vision_grid**2, vc.hidden_size, config.text_config.hidden_size
-        )
-        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.model = HoneybeeModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
-        if pc.projector_type == "d-abs":
-            # The official D-Abstractor always ran in fp32: half-precision loads (dtype=...) keep it there.
-            # Set after post_init, which resets this attribute from the class on transformers 4 and 5.
-            self._keep_in_fp32_modules_strict = {"abstractor"}
+        self._keep_projector_in_fp32()
 
     def get_input_embeddings(self):
-        return self.language_model.get_input_embeddings()
+        return self.model.get_input_embeddings()
 
     def set_input_embeddings(self, value):
-        self.language_model.set_input_embeddings(value)
+        self.model.set_input_embeddings(value)
 
     def get_output_embeddings(self):
-        return self.language_model.get_output_embeddings()
+        return self.lm_head
 
     def set_output_embeddings(self, value):
-        self.language_model.set_output_embeddings(value)
+        self.lm_head = value
 
     def get_decoder(self):
-        return self.language_model.get_decoder()
+        return self.model.get_decoder()
 
-    def get_image_features(self, pixel_values):
-        """(num_images, 3, S, S) normalised pixels -> (num_images, M + n_eos, D) visual tokens for the LLM."""
-        S = self.config.vision_config.image_size
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, S, S):
-            raise ValueError(
-                f"pixel_values must have shape (num_images, 3, {S}, {S}), got {tuple(pixel_values.shape)}; "
-                f"prepare images with HoneybeeProcessor, which resizes them to {S}x{S}"
-            )
-        features = self.vision_model(pixel_values, self.config.projector_config.feature_layer_index)  # (n, N, Cv)
-        return self.abstractor(features)
+    def set_decoder(self, decoder):
+        self.model.set_decoder(decoder)
 
-    def merge_image_features(self, slots, inputs_embeds, pixel_values):
-        """Overwrite the `<image>` placeholders (`slots`, (B, L) bool) of `inputs_embeds` with the projector
-        outputs, in order."""
-        M = self.config.num_visual_tokens
-        placeholders, images = int(slots.sum()), pixel_values.shape[0]
-        if placeholders != images * M:
-            raise ValueError(
-                f"the prompt holds {placeholders} image placeholder tokens ({placeholders / M:g} images of {M} "
-                f"tokens) but {images} images were given; give one image per <image> and build the inputs "
-                f"with HoneybeeProcessor, which expands each <image> into {M} placeholders"
-            )
-        features = self.get_image_features(pixel_values)  # (n_img, M, D)
-        features = features.reshape(-1, features.shape[-1]).to(inputs_embeds.dtype)  # (n_img*M, D)
-        return inputs_embeds.masked_scatter(slots[..., None].expand_as(inputs_embeds), features), features.view(
-            images, M, -1
+    @property
+    def vision_tower(self):
+        return self.model.vision_tower
+
+    @property
+    def abstractor(self):
+        return self.model.abstractor
+
+    @property
+    def language_model(self):
+        return self.model.language_model
+
+    def get_image_features(self, pixel_values, return_dict=None, output_hidden_states=None, **kwargs):
+        return self.model.get_image_features(
+            pixel_values, return_dict=return_dict, output_hidden_states=output_hidden_states, **kwargs
         )
+
+    get_image_features.__doc__ = HoneybeeModel.get_image_features.__doc__
 
     def forward(
         self,
@@ -577,50 +793,66 @@ class HoneybeeForConditionalGeneration(HoneybeePreTrainedModel, GenerationMixin)
         **kwargs,
     ):
         r"""`input_ids` hold `num_visual_tokens` placeholders per image (HoneybeeProcessor writes them) and
-        `pixel_values` the images in order. `labels` work as in `LlamaForCausalLM` (-100 is ignored).
+        `pixel_values` the images in order. `labels` work as in `LlamaForCausalLM` (-100 is ignored); labels equal
+        to the `<image>` id are ignored too (the model overwrites those positions and never predicts the id), so
+        `labels=input_ids` supervises the text only.
         """
         return_dict = kwargs.pop("return_dict", None)
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("give exactly one of input_ids and inputs_embeds")
-        image_features = None
-        if inputs_embeds is None:
-            slots = input_ids == self.config.image_token_id
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-            # Decoding steps carry no placeholders; transformers 4 still passes pixel_values to them.
-            if slots.any():
-                if pixel_values is None:
-                    raise ValueError("input_ids hold <image> placeholders but no pixel_values were given")
-                inputs_embeds, image_features = self.merge_image_features(slots, inputs_embeds, pixel_values)
-        elif pixel_values is not None:
-            raise ValueError("pixel_values need input_ids (to find the <image> placeholders), not inputs_embeds")
-        outputs = self.language_model(
-            inputs_embeds=inputs_embeds,
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
-            labels=labels,
+            inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
             return_dict=True,
             **kwargs,
         )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep])
+        loss = None
+        if labels is not None:
+            labels = labels.masked_fill(labels == self.config.image_token_id, -100)
+            loss = self.loss_function(logits, labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
         outputs = HoneybeeCausalLMOutputWithPast(
-            loss=outputs.loss,
-            logits=outputs.logits,
+            loss=loss,
+            logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_hidden_states=image_features,
+            image_hidden_states=outputs.image_hidden_states,
         )
         return outputs if return_dict is not False else outputs.to_tuple()
 
-    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, pixel_values=None, **kwargs):
         # kwargs differ between transformers 4 (cache_position) and 5 (next_sequence_length): pass them through.
-        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        # `inputs_embeds` is named: generate refuses it for models whose signature here lacks it.
+        model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
         cache = kwargs.get("past_key_values")
         prefill = cache is None or cache.get_seq_length() == 0
         model_inputs["pixel_values"] = pixel_values if prefill else None
         return model_inputs
 
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Beams and `num_return_sequences`: each prompt row is repeated `expand_size` times, so its images are
+        too, as a group ([a0, a1, b0] -> [a0, a1, a0, a1, b0, b0]); the library's default would repeat each image
+        in place and hand a prompt's copies the wrong images. Rows without images take none."""
+        pixel_values = model_kwargs.pop("pixel_values", None)
+        if pixel_values is not None and expand_size > 1:
+            ids = input_ids if input_ids is not None and input_ids.numel() else None
+            slots = self.model.get_placeholder_mask(ids, model_kwargs.get("inputs_embeds"))
+            images_per_row = (slots.sum(-1) // self.config.num_visual_tokens).tolist()
+            self.model.check_image_count(int(slots.sum()), pixel_values.shape[0])
+            groups = pixel_values.split(images_per_row)
+            pixel_values = torch.cat([group for group in groups for _ in range(expand_size)])
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if pixel_values is not None:
+            model_kwargs["pixel_values"] = pixel_values
+        return input_ids, model_kwargs
 
-__all__ = ["HoneybeeForConditionalGeneration", "HoneybeePreTrainedModel"]
+
+__all__ = ["HoneybeeForConditionalGeneration", "HoneybeeModel", "HoneybeePreTrainedModel"]

@@ -33,7 +33,14 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
 from transformers.generation import StoppingCriteria, StoppingCriteriaList
 
 import _common as C
@@ -90,33 +97,29 @@ def build_models(size, device, dtype):
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     models = {}
-    shared = None
     try:
         with torch.device(device):
-            for name in sorted(MODELS, key=lambda n: MODELS[n][0] != "honeybee"):  # a Honeybee first: it owns the Llama
+            # Both models have LLaVA's layout (`model.language_model` + `lm_head`): each is built with a 1-layer
+            # Llama that is then replaced by this shared one.
+            shared = LlamaForCausalLM(text_config(size))
+            for name in MODELS:
                 kind, image_size, projector, _ = MODELS[name]
-                # Every model after the first is built with a 1-layer Llama that is then replaced by the shared one.
-                layers = None if shared is None else 1
                 if kind == "honeybee":
                     projector_config = dict(projector_type=projector, num_query_tokens=MODELS[name][3], **SIZES[size]["cabs" if projector == "c-abs" else "dabs"])
-                    config = HoneybeeConfig(vision_config=vision_config(size, image_size), projector_config=projector_config, text_config=text_config(size, layers), image_token_id=IMAGE_TOKEN)
+                    config = HoneybeeConfig(vision_config=vision_config(size, image_size), projector_config=projector_config, text_config=text_config(size, 1), image_token_id=IMAGE_TOKEN)
                     config._attn_implementation = "sdpa"
                     model = HoneybeeForConditionalGeneration(config)
-                    if shared is None:
-                        shared = model.language_model
-                    else:
-                        model.language_model = shared
                     if projector == "d-abs":
                         model.abstractor.float()  # the D-Abstractor runs fp32, as the official one and our from_pretrained
                 else:
                     config = LlavaConfig(
-                        vision_config=vision_config(size, image_size), text_config=text_config(size, layers), image_token_index=IMAGE_TOKEN,
+                        vision_config=vision_config(size, image_size), text_config=text_config(size, 1), image_token_index=IMAGE_TOKEN,
                         image_seq_length=MODELS[name][3], projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
                     )
                     config._attn_implementation = "sdpa"
                     model = LlavaForConditionalGeneration(config)
-                    model.model.language_model = shared.model
-                    model.lm_head = shared.lm_head
+                model.model.language_model = shared.model
+                model.lm_head = shared.lm_head
                 model.config.text_config = shared.config
                 models[name] = model.eval()
                 gc.collect()
@@ -144,7 +147,7 @@ def prefill_flops(size, dtype, batches, prompts):
                 with FlopCounterMode(display=False) as counter, torch.no_grad():
                     pixels = torch.zeros(batch, 3, image_size, image_size, device=meta, dtype=dtype)
                     if kind == "honeybee":
-                        model.abstractor(model.vision_model(pixels, model.config.projector_config.feature_layer_index))
+                        model.get_image_features(pixels, return_dict=False)
                     else:
                         model.model.get_image_features(pixel_values=pixels, vision_feature_layer=-2, vision_feature_select_strategy="default")
                     vision = counter.get_total_flops()

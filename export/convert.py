@@ -55,7 +55,7 @@ WEIGHT_FILES = {  # single file, index; in the order transformers 4.38 looked fo
     "safetensors": ("model.safetensors", "model.safetensors.index.json"),
 }
 _COPY_CHUNK = 16 << 20
-EMBED_KEY = "language_model.model.embed_tokens.weight"  # its dtype is "the checkpoint's dtype"
+EMBED_KEY = "language_model.model.embed_tokens.weight"  # official key; its dtype is "the checkpoint's dtype"
 
 
 class ConversionError(ValueError):
@@ -486,7 +486,7 @@ def convert_official_checkpoint(
         out_dtype = DTYPES[dtype] if dtype else embed.dtype
         fp32_abstractor = config.projector_config.projector_type == "d-abs"  # the official D-Abs always ran in fp32
         dtypes = {
-            key: (torch.float32 if fp32_abstractor and key.startswith("abstractor.") else out_dtype)
+            key: (torch.float32 if fp32_abstractor and key.startswith("model.abstractor.") else out_dtype)
             if t.is_floating_point()
             else t.dtype
             for mapped in mapped_meta

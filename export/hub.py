@@ -21,7 +21,7 @@ CODE_FILES = ["configuration_honeybee.py", "modeling_honeybee.py", "processing_h
 MODEL_CLASS = "modeling_honeybee.HoneybeeForConditionalGeneration"
 AUTO_MAP = {
     "AutoConfig": "configuration_honeybee.HoneybeeConfig",
-    "AutoModel": MODEL_CLASS,
+    "AutoModel": "modeling_honeybee.HoneybeeModel",  # the backbone, as transformers' LLaVA (vLLM needs it)
     "AutoModelForVision2Seq": MODEL_CLASS,  # transformers 4.x; 5.x ignores it
     "AutoModelForImageTextToText": MODEL_CLASS,
     "AutoProcessor": "processing_honeybee.HoneybeeProcessor",

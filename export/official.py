@@ -1,8 +1,10 @@
 """The one mapping from official Honeybee checkpoints (github.com/kakaobrain/honeybee) to this package's keys.
 
 An official `pytorch_model.bin` holds `vision_model.vision_model.*` (CLIP), `abstractor.*` (C- or D-Abstractor)
-and `language_model.*` (Llama). Every key is renamed by one explicit rule and its shape checked against our
-model's state dict; anything left over, missing or the wrong shape raises a `ValueError` that names the key.
+and `language_model.*` (Llama with its head); ours follow transformers' LLaVA: `model.vision_tower.*`,
+`model.abstractor.*`, `model.language_model.*` (the Llama backbone) and `lm_head.*`. Every key is renamed by one
+explicit rule and its shape checked against our model's state dict; anything left over, missing or the wrong shape
+raises a `ValueError` that names the key.
 Nothing here loads files or touches a model: the functions map dicts of tensors to dicts of tensors (meta tensors
 work too, which is how the converter checks a whole checkpoint before reading any weight), and
 `official_config_to_kwargs` maps an official `config.json` to `HoneybeeConfig` arguments.
@@ -12,6 +14,7 @@ work too, which is how the converter checks a whole checkpoint before reading an
 """
 
 import math
+import re
 
 import torch
 
@@ -32,27 +35,61 @@ def _check_shape(official_key, tensor, our_key, target):
         )
 
 
-def _check_complete(mapped, target_state_dict, prefix):
-    """Raise on any key of `target_state_dict` that `mapped` lacks."""
-    missing = sorted(set(target_state_dict) - set(mapped))
+def _check_complete(mapped, target_state_dict, prefix, official_name=lambda key: key):
+    """Raise on any key of `target_state_dict` that `mapped` lacks, named as the official checkpoint names it."""
+    missing = sorted(official_name(k) for k in set(target_state_dict) - set(mapped))
     if missing:
         raise ValueError(f"the official checkpoint lacks {[prefix + k for k in missing]}, which our model needs")
+
+
+# C-Abstractor bottlenecks: timm's `conv{1,2,3}.{conv,bn}` children -> modules that own every weight their fused op
+# reads (modeling_honeybee.py says why). Keys relative to a bottleneck `net.<stage>.b<block>.`.
+_BOTTLENECK_RENAMES = {
+    "conv1.conv.weight": "conv1.weight",
+    "conv1.bn.weight": "conv2.in_norm_weight",
+    "conv1.bn.bias": "conv2.in_norm_bias",
+    "conv2.conv.weight": "conv2.weight",
+    "conv2.bn.weight": "conv2.norm_weight",
+    "conv2.bn.bias": "conv2.norm_bias",
+    "conv3.conv.weight": "conv3.weight",
+    "conv3.bn.weight": "conv3.norm_weight",
+    "conv3.bn.bias": "conv3.norm_bias",
+}
+_BOTTLENECK_KEY = re.compile(r"^(net\.\d+\.b\d+\.)(.+)$")
+
+
+def _rename_bottleneck_key(key, renames):
+    match = _BOTTLENECK_KEY.match(key)
+    if match is None or match.group(2) not in renames:
+        return key
+    return match.group(1) + renames[match.group(2)]
+
+
+def abstractor_key(official):
+    """An official abstractor key (without `abstractor.`) -> ours."""
+    return _rename_bottleneck_key(official, _BOTTLENECK_RENAMES)
+
+
+def official_abstractor_key(ours):
+    """Our abstractor key (without `abstractor.`) -> the official one."""
+    return _rename_bottleneck_key(ours, {v: k for k, v in _BOTTLENECK_RENAMES.items()})
 
 
 def map_official_abstractor(state_dict, target_state_dict, prefix="", complete=True):
     """Official abstractor weights -> ours; keys are given without the `abstractor.` prefix.
 
-    The submodule names of HoneybeeCAbstractor / HoneybeeDAbstractor are the official ones, so every key maps
-    to itself, with one exception: Dec-2023 checkpoints built `pos_emb` (D-Abs: `v_pos_emb`) with N+1 slots
-    for the CLS-inclusive features and dropped token 0 afterwards; slot 0 is dropped here, as the official
+    The submodule names of HoneybeeCAbstractor / HoneybeeDAbstractor are the official ones, except in the
+    C-Abstractor's bottlenecks (`abstractor_key`). Dec-2023 checkpoints built `pos_emb` (D-Abs: `v_pos_emb`) with
+    N+1 slots for the CLS-inclusive features and dropped token 0 afterwards; slot 0 is dropped here, as the official
     `Projector._load_from_state_dict` does. `prefix` only makes error messages name full checkpoint keys;
     `complete=False` maps a part of the checkpoint (one shard) without asking for the rest.
     """
     mapped = {}
     for key, tensor in state_dict.items():
-        if key not in target_state_dict:
+        ours = abstractor_key(key)
+        if ours not in target_state_dict:
             raise ValueError(f"official key {prefix + key!r} has no counterpart in our abstractor")
-        target = target_state_dict[key]
+        target = target_state_dict[ours]
         legacy = (
             key in ("pos_emb", "v_pos_emb")
             and tensor.dim() == 3
@@ -61,17 +98,25 @@ def map_official_abstractor(state_dict, target_state_dict, prefix="", complete=T
         )
         if legacy:
             tensor = tensor[:, 1:].clone()  # slot 0 was the legacy CLS position
-        _check_shape(prefix + key, tensor, key, target)
-        mapped[key] = tensor
+        _check_shape(prefix + key, tensor, ours, target)
+        mapped[ours] = tensor
     if complete:
-        _check_complete(mapped, target_state_dict, prefix)
+        _check_complete(mapped, target_state_dict, prefix, official_abstractor_key)
     return mapped
 
 
+# CLIP's `post_layernorm` normalises the pooled CLS token, which Honeybee never reads: our tower has no such
+# weights (a trainable parameter without a gradient breaks DDP and gradient-checkpointing checks).
+UNUSED_VISION_PREFIX = "vision_model.post_layernorm."
+
+
 def map_official_vision_model(state_dict, target_state_dict, prefix="", complete=True):
-    """CLIP: our vision tower keeps transformers 4.x `CLIPVisionModel`'s names, so every key maps to itself."""
+    """CLIP: our vision tower keeps transformers 4.x `CLIPVisionModel`'s names, so every key maps to itself; the
+    unused `post_layernorm` is dropped."""
     mapped = {}
     for key, tensor in state_dict.items():
+        if key.startswith(UNUSED_VISION_PREFIX):
+            continue
         if key not in target_state_dict:
             raise ValueError(f"official key {prefix + key!r} has no counterpart in our vision tower")
         _check_shape(prefix + key, tensor, key, target_state_dict[key])
@@ -126,20 +171,46 @@ def map_official_language_model(state_dict, target_state_dict, prefix="", comple
     return mapped
 
 
-# One rule per top-level module: official prefix -> (our prefix, rule on the un-prefixed keys).
+# One rule per top-level official module: official prefix -> (rule on the un-prefixed keys, where those keys
+# live in ours: {official sub-prefix: our prefix}). The official `language_model` is a whole `LlamaForCausalLM`;
+# ours splits it, as LLaVA, into the backbone `model.language_model` and the head `lm_head`.
 RULES = {
-    "vision_model.": ("vision_model.", map_official_vision_model),
-    "abstractor.": ("abstractor.", map_official_abstractor),
-    "language_model.": ("language_model.", map_official_language_model),
+    "vision_model.": (map_official_vision_model, {"": "model.vision_tower."}),
+    "abstractor.": (map_official_abstractor, {"": "model.abstractor."}),
+    "language_model.": (map_official_language_model, {"model.": "model.language_model.", "lm_head.": "lm_head."}),
 }
+
+
+def _ours_to_official(key, placement):
+    """Our key -> the key relative to the official module of `placement`, or None when it lies elsewhere."""
+    for official_sub, ours in placement.items():
+        if key.startswith(ours):
+            return official_sub + key[len(ours) :]
+    return None
+
+
+def _official_to_ours(key, placement):
+    official_sub = max((sub for sub in placement if key.startswith(sub)), key=len)
+    return placement[official_sub] + key[len(official_sub) :]
+
+
+def official_key(key):
+    """Our key -> the official checkpoint's name for it (the inverse of the renames)."""
+    for official_prefix, (_, placement) in RULES.items():
+        relative = _ours_to_official(key, placement)
+        if relative is not None:
+            if official_prefix == "abstractor.":
+                relative = official_abstractor_key(relative)
+            return official_prefix + relative
+    raise ValueError(f"{key!r} is under none of our module prefixes")
 
 
 def map_official_state_dict(state_dict, model_state_dict, complete=True):
     """A full (or partial, by prefix) official state dict -> ours, checked against `model_state_dict`.
 
     Each official key must fall under a prefix of `RULES`; each rule sees its keys without the prefix and
-    the matching slice of `model_state_dict`. Stale buffers (`is_stale_buffer`) are dropped. With `complete`
-    (the default) our keys that the checkpoint lacks raise; `complete=False` maps one shard of a checkpoint.
+    the matching slice of `model_state_dict`, keyed the same way. Stale buffers (`is_stale_buffer`) are dropped.
+    With `complete` (the default) our keys that the checkpoint lacks raise; `complete=False` maps one shard.
     """
     groups = {}
     for key, tensor in state_dict.items():
@@ -150,14 +221,18 @@ def map_official_state_dict(state_dict, model_state_dict, complete=True):
             raise ValueError(f"official key {key!r} is under no known module prefix {sorted(RULES)}")
         groups.setdefault(official_prefix, {})[key[len(official_prefix) :]] = tensor
     mapped = {}
-    for official_prefix, (our_prefix, rule) in RULES.items():
+    for official_prefix, (rule, placement) in RULES.items():
         if not complete and official_prefix not in groups:
             continue
-        target = {k[len(our_prefix) :]: v for k, v in model_state_dict.items() if k.startswith(our_prefix)}
+        target = {}
+        for key, value in model_state_dict.items():
+            relative = _ours_to_official(key, placement)
+            if relative is not None:
+                target[relative] = value
         for key, tensor in rule(
             groups.get(official_prefix, {}), target, prefix=official_prefix, complete=complete
         ).items():
-            mapped[our_prefix + key] = tensor
+            mapped[_official_to_ours(key, placement)] = tensor
     if complete:
         _check_complete(mapped, model_state_dict, "")
     return mapped
@@ -452,12 +527,15 @@ def num_eos_tokens_origin(official):
 
 
 __all__ = [
+    "abstractor_key",
     "grow_vocab_matrix",
     "is_stale_buffer",
     "map_official_abstractor",
     "map_official_language_model",
     "map_official_state_dict",
     "map_official_vision_model",
+    "official_abstractor_key",
+    "official_key",
     "num_eos_tokens_origin",
     "official_config_to_kwargs",
 ]

@@ -41,7 +41,7 @@ def make_base(folder, projector_type="c-abs", seed=0):
     model, processor = tiny_model(config, seed), tiny_processor(config)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        head = model.language_model.lm_head.weight
+        head = model.lm_head.weight
         head.copy_(torch.randn(head.shape, generator=generator) * 0.5)
     save_hub_folder(model, processor, folder)
     return Path(folder)

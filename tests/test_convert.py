@@ -26,7 +26,7 @@ from conftest import TESTS, other_python, run_script
 from honeybee_hf.export import convert as convert_module
 from honeybee_hf.export.convert import ConversionError, convert_official_checkpoint, main, safe_extract
 from honeybee_hf.export.hub import save_hub_folder
-from honeybee_hf.export.official import official_config_to_kwargs
+from honeybee_hf.export.official import UNUSED_VISION_PREFIX, official_config_to_kwargs, official_key
 from honeybee_hf.export.tiny import TOY_SPM, tiny_config, tiny_model, tiny_processor
 
 sys.path.insert(0, str(TESTS))
@@ -135,13 +135,14 @@ def test_official_archive_folder_contents(official_folder, tmp_path):
     # The weights are the official bf16 tensors, bit for bit, plus the <image> rows.
     safe_extract(ARCHIVE, tmp_path / "x", progress=False)
     official = torch.load(tmp_path / "x" / "tiny_cabs_m16" / "last" / "pytorch_model.bin", weights_only=True)
-    ours = load_file(official_folder / "model.safetensors")
-    assert ours.keys() == official.keys()
-    for key, tensor in official.items():
+    ours = {official_key(k): v for k, v in load_file(official_folder / "model.safetensors").items()}
+    unused = "vision_model." + UNUSED_VISION_PREFIX  # CLIP's post_layernorm, never read: dropped
+    assert ours.keys() == {k for k in official if not k.startswith(unused)} and len(official) > len(ours)
+    for key, tensor in ours.items():
         if key.endswith(("embed_tokens.weight", "lm_head.weight")):
-            assert torch.equal(ours[key][:V], tensor), key
+            assert torch.equal(tensor[:V], official[key]), key
         else:
-            assert ours[key].dtype == torch.bfloat16 and torch.equal(ours[key], tensor), key
+            assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, official[key]), key
     embed = official["language_model.model.embed_tokens.weight"]
     assert torch.equal(ours["language_model.model.embed_tokens.weight"][V], embed.float().mean(0).to(torch.bfloat16))
     assert not ours["language_model.lm_head.weight"][V].any()
@@ -309,7 +310,9 @@ def make_official_checkpoint(
         for param in model.parameters():  # no all-ones / all-zeros tensors: a swapped key must show
             param.add_(torch.randn_like(param) * 0.02)
             param.copy_(param.to(torch.bfloat16).float())
-    state = {k: v.to(torch.bfloat16).clone() for k, v in model.state_dict().items()}
+    state = {official_key(k): v.to(torch.bfloat16).clone() for k, v in model.state_dict().items()}
+    for suffix in ("weight", "bias"):  # CLIP's post_layernorm: in every official checkpoint, unused
+        state["vision_model." + UNUSED_VISION_PREFIX + suffix] = torch.randn(config.vision_config.hidden_size)
     for key in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
         state[key] = state[key][:vocab].clone()  # the official vocabulary has no <image>
     if legacy_pos_emb:  # Dec-2023: one slot more, for the CLS token, which the official loader drops
@@ -400,10 +403,10 @@ def test_hand_made_official_checkpoints_convert_exactly(case, tmp_path, photo):
         index = json.loads((out / "model.safetensors.index.json").read_text())
         shards = sorted(set(index["weight_map"].values()))
         assert len(shards) > 1 and sorted(p.name for p in out.glob("*.safetensors")) == shards
-        with safe_open(str(out / index["weight_map"]["abstractor.output_proj.weight"]), "pt") as f:
-            assert f.get_tensor("abstractor.output_proj.weight").dtype == torch.float32  # D-Abs stays fp32
-        with safe_open(str(out / index["weight_map"]["language_model.lm_head.weight"]), "pt") as f:
-            assert f.get_tensor("language_model.lm_head.weight").dtype == torch.bfloat16
+        with safe_open(str(out / index["weight_map"]["model.abstractor.output_proj.weight"]), "pt") as f:
+            assert f.get_tensor("model.abstractor.output_proj.weight").dtype == torch.float32  # D-Abs stays fp32
+        with safe_open(str(out / index["weight_map"]["lm_head.weight"]), "pt") as f:
+            assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16
     if case == "dec2023_dabs_grid12":
         assert model.config.vision_config.image_size == 48 and model.config.vision_grid == 12
 
@@ -534,8 +537,8 @@ def test_wrong_tokenizer_vocabulary_is_refused(tmp_path):
         (lambda s: s.update({"abstractor.mystery": torch.zeros(1)}), "'abstractor.mystery'"),
         (lambda s: s.update({"text_projection.weight": torch.zeros(1)}), "'text_projection.weight'"),
         (
-            lambda s: s.pop("vision_model.vision_model.post_layernorm.bias"),
-            "'vision_model.vision_model.post_layernorm.bias'",
+            lambda s: s.pop("vision_model.vision_model.pre_layrnorm.bias"),
+            "'vision_model.vision_model.pre_layrnorm.bias'",
         ),
     ],
     ids=["transposed", "short", "unknown-abstractor-key", "unknown-module", "missing"],
@@ -717,7 +720,7 @@ def test_fine_tuned_model_round_trips_through_save_hub_folder(tiny_folder, tmp_p
     model, processor = load(folder)
     with torch.no_grad():  # "fine-tuning": one weight changed
         model.abstractor.layers[0].fc1.weight[0, 0] += 1.0
-        model.language_model.lm_head.weight[3] *= 2
+        model.lm_head.weight[3] *= 2
     out = save_hub_folder(model, processor, unique(tmp_path, "finetuned"))
     reloaded, reloaded_processor = load(out)
     expected = model.state_dict()
@@ -740,7 +743,7 @@ def test_a_folder_with_missing_weights_is_not_exported(tiny_folder, tmp_path, ca
 
     folder, _, _ = tiny_folder("c-abs")
     weights = load_file(folder / "model.safetensors")
-    del weights["abstractor.readout.0.bias"]
+    del weights["model.abstractor.readout.0.bias"]
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     assert main([str(folder), str(tmp_path / "out"), "--quiet"]) == 1
-    assert "abstractor.readout.0.bias" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert "model.abstractor.readout.0.bias" in capsys.readouterr().err and not (tmp_path / "out").exists()

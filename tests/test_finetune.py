@@ -192,9 +192,9 @@ def test_only_intended_parameters_get_gradients(stage, base, tmp_path):
 
     def intended(name):
         if stage == "projector":
-            return name.startswith("abstractor.")
+            return name.startswith("model.abstractor.")
         if stage == "full":
-            return name.startswith(("abstractor.", "language_model."))
+            return name.startswith(("model.abstractor.", "model.language_model.", "lm_head."))
         # PEFT names: LoRA factors on the LLM's projections, and the trained copy of the abstractor
         return ("lora_A" in name or "lora_B" in name) or "abstractor.modules_to_save" in name
 
@@ -204,7 +204,7 @@ def test_only_intended_parameters_get_gradients(stage, base, tmp_path):
     assert all(params[n].grad is not None for n in trained)
     assert all(p.grad is None for n, p in params.items() if n not in trained)
     assert any(params[n].grad.abs().sum() > 0 for n in trained if "abstractor" in n)
-    assert not any("vision_model" in n for n in trained)
+    assert not any("vision_tower" in n for n in trained)
     if stage == "lora":
         lora = [n for n in trained if "lora_" in n]
         assert lora and all("language_model" in n for n in lora)
@@ -259,7 +259,7 @@ def test_adapter_reload_and_merge_give_the_same_logits(trained, base):
     adapter_dir = trained["out"] / "adapter"
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter_dir.iterdir()}
     keys = load_file(str(adapter_dir / "adapter_model.safetensors")).keys()
-    assert any("abstractor" in k for k in keys) and not any("vision_model" in k for k in keys)
+    assert any("abstractor" in k for k in keys) and not any("vision_tower" in k for k in keys)
     reloaded = PeftModel.from_pretrained(load_model(base), adapter_dir).eval()
     assert torch.equal(_logits(reloaded, batch), in_memory)
     assert not torch.allclose(_logits(load_model(base), batch), in_memory, atol=1e-3)  # the adapter matters
@@ -330,10 +330,10 @@ def test_projector_and_full_stages_write_a_hub_folder(stage, base, data_file, tm
     before, after = load_model(base).state_dict(), load_model(out / "model").state_dict()
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    allowed = ("abstractor.", "language_model.") if stage == "full" else ("abstractor.",)
+    allowed = ("model.abstractor.", "model.language_model.", "lm_head.") if stage == "full" else ("model.abstractor.",)
     assert changed and all(k.startswith(allowed) for k in changed)
     if stage == "full":
-        assert any(k.startswith("language_model.") for k in changed)
+        assert any(k.startswith("model.language_model.") for k in changed) and "lm_head.weight" in changed
 
 
 # --------------------------------------------------------------------------------------------------------------

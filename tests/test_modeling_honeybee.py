@@ -42,10 +42,14 @@ def test_auto_classes_load_the_saved_weights_exactly(tiny_folder, projector_type
     with torch.no_grad():
         expected = reference(**inputs).logits
         assert torch.equal(model(**inputs).logits, expected)
-    for auto in ["AutoModel"] + (["AutoModelForVision2Seq"] if TF4 else []):
+    for auto in ["AutoModelForVision2Seq"] if TF4 else []:
         other = getattr(transformers, auto).from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
         with torch.no_grad():
             assert torch.equal(other.eval()(**inputs).logits, expected), auto
+    backbone = transformers.AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    assert type(backbone).__name__ == "HoneybeeModel"  # as transformers' LLaVA: AutoModel is the backbone
+    with torch.no_grad():
+        assert torch.equal(backbone(**inputs).last_hidden_state, reference.model(**inputs).last_hidden_state)
     config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=True)
     assert config.to_dict()["projector_config"] == reference.config.to_dict()["projector_config"]
 
@@ -80,8 +84,8 @@ def test_logits_and_loss_against_manual_computation():
     # independent reference: embed, overwrite the placeholders with get_image_features, run the bare LM
     embeds = model.get_input_embeddings()(inputs["input_ids"]).clone()
     slots = inputs["input_ids"][0] == config.image_token_id
-    embeds[0, slots] = model.get_image_features(inputs["pixel_values"])[0]
-    logits = model.language_model(inputs_embeds=embeds).logits
+    embeds[0, slots] = model.get_image_features(inputs["pixel_values"], return_dict=True).pooler_output[0]
+    logits = model.lm_head(model.language_model(inputs_embeds=embeds).last_hidden_state)
     torch.testing.assert_close(out.logits, logits)
     labels = inputs["labels"]
     loss = F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100)
@@ -157,12 +161,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(projector_type):
         model = tiny_model(config, seed=4).train()  # train mode: the D-Abstractor's dropout is live
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            assert model.vision_model.vision_model.encoder.layers[0].gradient_checkpointing
+            assert model.vision_tower.vision_model.encoder.layers[0].gradient_checkpointing
         torch.manual_seed(0)  # same dropout masks; checkpointing replays the RNG state when recomputing
         model(**inputs).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
-    assert any(n.startswith("abstractor.") for n in grads[0])
+    assert any(n.startswith("model.abstractor.") for n in grads[0])
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
 

@@ -201,7 +201,7 @@ def test_unexpected_key_names_key(cabs_tiny):
 def test_full_state_dict_prefixes(cabs_tiny):
     sd, target = cabs_tiny
     official = {f"abstractor.{k}": v for k, v in sd.items()}
-    ours = {f"abstractor.{k}": v for k, v in target.items()}
+    ours = {f"model.abstractor.{k}": v for k, v in target.items()}
     mapped = map_official_state_dict(official, ours)
     assert mapped.keys() == ours.keys()
     key = "abstractor.readout.0.weight"

@@ -165,7 +165,7 @@ def load_model(args, training_args):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute,
-            llm_int8_skip_modules=["vision_model", "abstractor", "lm_head"],  # only the LLM's linear layers
+            llm_int8_skip_modules=["vision_tower", "abstractor", "lm_head"],  # only the LLM's linear layers
         )
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     return AutoModelForImageTextToText.from_pretrained(args.model, **kwargs)
@@ -180,6 +180,7 @@ def prepare_model(model, args, training_args=None):
     if args.stage == "full":
         model.abstractor.requires_grad_(True)
         model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
         return model
     from peft import get_peft_model, prepare_model_for_kbit_training
 
