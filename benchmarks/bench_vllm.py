@@ -54,7 +54,11 @@ def run_transformers(folder, requests, max_tokens, batch_size, dtype, device):
 
     @torch.no_grad()
     def serve():
-        return sum(model.generate(**x, generation_config=generation).shape[1] - x["input_ids"].shape[1] for x in inputs)
+        generated = 0
+        for x in inputs:
+            out = model.generate(**x, generation_config=generation)
+            generated += (out.shape[1] - x["input_ids"].shape[1]) * out.shape[0]
+        return generated
 
     return serve
 
@@ -67,7 +71,6 @@ def run_vllm(folder, requests, max_tokens, dtype, tensor_parallel_size):
         trust_remote_code=True,
         model_impl="transformers",
         dtype=str(dtype).replace("torch.", ""),
-        max_model_len=1024,
         limit_mm_per_prompt={"image": 1},
         tensor_parallel_size=tensor_parallel_size,
         seed=0,

@@ -274,6 +274,38 @@ def test_quantized_folder_is_served(quantized_engine, tiny):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Tensor parallelism: the multi-GPU path, here on two CPU workers
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel_engine(tiny):
+    from vllm import LLM
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("tensor_parallel_size=2 on CPU needs 2 cores, one per worker")
+    # Worker processes (the engine cannot stay in this process), one core each: vLLM binds a worker's threads to a
+    # NUMA node of its own unless told which cores to use, and this machine has one node.
+    saved = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND")}
+    os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_OMP_THREADS_BIND="0|1")
+    try:
+        llm = LLM(**engine_args(tiny["c-abs"].folder, tensor_parallel_size=2))
+        yield llm
+        del llm
+        cleanup_dist_env_and_memory()
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+def test_tensor_parallel_2_matches_transformers(tensor_parallel_engine, tiny):
+    model = tiny["c-abs"]
+    outputs = tensor_parallel_engine.generate(model.requests[:2], greedy(), use_tqdm=False)  # one and two images
+    for reference, output in zip(model.references, outputs):
+        assert_matches(reference, output)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # OpenAI-compatible server
 
 
