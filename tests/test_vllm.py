@@ -288,6 +288,7 @@ def tensor_parallel_engine(tiny):
     # NUMA node of its own unless told which cores to use, and this machine has one node.
     saved = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND")}
     os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_OMP_THREADS_BIND="0|1")
+    vllm.envs.disable_envs_cache()  # an engine started earlier froze the environment variables vLLM had read
     try:
         llm = LLM(**engine_args(tiny["c-abs"].folder, tensor_parallel_size=2))
         yield llm
@@ -296,6 +297,7 @@ def tensor_parallel_engine(tiny):
     finally:
         for key, value in saved.items():
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+        vllm.envs.disable_envs_cache()
 
 
 def test_tensor_parallel_2_matches_transformers(tensor_parallel_engine, tiny):
