@@ -27,6 +27,7 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import can_return_tuple
 
 from .configuration_honeybee import HoneybeeConfig, HoneybeeProjectorConfig
 from .kernels_cabstractor import adaptive_avg_pool, cabs_dwconv_block, ln_residual_silu, ln_residual_silu_pool
@@ -692,6 +693,7 @@ class HoneybeeModel(HoneybeePreTrainedModel):
                 f"with HoneybeeProcessor, which expands each <image> into {M} placeholders"
             )
 
+    @can_return_tuple  # as LLaVA; a conditional return in the body defeats torch.fx tracing (llm-compressor GPTQ)
     def forward(
         self,
         input_ids=None,
@@ -705,7 +707,6 @@ class HoneybeeModel(HoneybeePreTrainedModel):
     ):
         r"""`input_ids` (or `inputs_embeds`) hold `num_visual_tokens` placeholders per image (HoneybeeProcessor
         writes them) and `pixel_values` the images in order; the projector outputs overwrite the placeholders."""
-        return_dict = kwargs.pop("return_dict", None)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -737,7 +738,7 @@ class HoneybeeModel(HoneybeePreTrainedModel):
             attentions=outputs.attentions,
             image_hidden_states=image_features,
         )
-        return outputs if return_dict is not False else outputs.to_tuple()
+        return outputs
 
 
 class HoneybeeForConditionalGeneration(HoneybeePreTrainedModel, GenerationMixin):
@@ -806,6 +807,7 @@ class HoneybeeForConditionalGeneration(HoneybeePreTrainedModel, GenerationMixin)
 
     get_image_features.__doc__ = HoneybeeModel.get_image_features.__doc__
 
+    @can_return_tuple  # as LLaVA; a conditional return in the body defeats torch.fx tracing (llm-compressor GPTQ)
     def forward(
         self,
         input_ids=None,
@@ -824,7 +826,6 @@ class HoneybeeForConditionalGeneration(HoneybeePreTrainedModel, GenerationMixin)
         to the `<image>` id are ignored too (the model overwrites those positions and never predicts the id), so
         `labels=input_ids` supervises the text only.
         """
-        return_dict = kwargs.pop("return_dict", None)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -851,7 +852,7 @@ class HoneybeeForConditionalGeneration(HoneybeePreTrainedModel, GenerationMixin)
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
         )
-        return outputs if return_dict is not False else outputs.to_tuple()
+        return outputs
 
     def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, pixel_values=None, **kwargs):
         # kwargs differ between transformers 4 (cache_position) and 5 (next_sequence_length): pass them through.

@@ -18,9 +18,13 @@ from .tokenizer import load_backend, save_tokenizer_files
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TOY_SPM = ASSETS / "toy_spm.model"
 TOY_VOCAB = 600  # sentencepiece pieces; <image> is appended as id 600
+# Language-model overrides for vLLM's CPU attention, which refuses head sizes below 32 (the default's is 8), and for
+# quantization schemes with 128-wide weight groups.
+VLLM_TEXT = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
 
 
-def tiny_config(projector_type="c-abs", **projector):
+def tiny_config(projector_type="c-abs", text=None, **projector):
+    """`text`: overrides of the language model's config (e.g. VLLM_TEXT); `projector`: of the projector's."""
     projector = {
         "projector_type": projector_type,
         "num_query_tokens": 9,
@@ -56,7 +60,8 @@ def tiny_config(projector_type="c-abs", **projector):
             bos_token_id=1,
             eos_token_id=2,
             pad_token_id=0,
-        ),
+        )
+        | (text or {}),
         image_token_id=TOY_VOCAB,
     )
 
@@ -79,9 +84,9 @@ def tiny_model(config, seed=0):
     return HoneybeeForConditionalGeneration(config).eval()
 
 
-def save_tiny_hub_folder(out_dir, projector_type="c-abs", seed=0, force=False, **projector):
+def save_tiny_hub_folder(out_dir, projector_type="c-abs", seed=0, force=False, text=None, **projector):
     """Build a random tiny Honeybee and write it as a Hub folder; returns (model, processor)."""
-    config = tiny_config(projector_type, **projector)
+    config = tiny_config(projector_type, text, **projector)
     model, processor = tiny_model(config, seed), tiny_processor(config)
     save_hub_folder(model, processor, out_dir, force=force)
     return model, processor
