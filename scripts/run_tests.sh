@@ -5,6 +5,7 @@
 # `bash scripts/run_tests.sh -k pipelines`. Ends with the time each environment took to set up and to test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mkdir -p .venvs
 setup_start=$SECONDS
 bash scripts/setup_envs.sh | tee .venvs/setup.out
 setup_seconds=$((SECONDS - setup_start))
