@@ -534,11 +534,13 @@ class HoneybeePreTrainedModel(PreTrainedModel):
     # prefill and decode compile with fullgraph=True (tests/test_model_contract.py): generate may compile the decode
     _can_compile_fullgraph = True
 
-    def _keep_projector_in_fp32(self):
+    def _finish_projector_init(self, kernel_backend):
+        """After `post_init`, which resets `_keep_in_fp32_modules_strict` from the class on transformers 4 and 5."""
         if self.config.projector_config.projector_type == "d-abs":
             # The official D-Abstractor always ran in fp32: half-precision loads (dtype=...) keep it there.
-            # Set after post_init, which resets this attribute from the class on transformers 4 and 5.
             self._keep_in_fp32_modules_strict = {"abstractor"}
+        if kernel_backend is not None:  # from_pretrained(..., kernel_backend=...) arrives here
+            self.set_kernel_backend(kernel_backend)
 
     def set_kernel_backend(self, backend):
         """Pick the projector's fused-op implementation from now on, as `set_attn_implementation` picks attention:
@@ -634,9 +636,7 @@ class HoneybeeModel(HoneybeePreTrainedModel):
         )
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
-        self._keep_projector_in_fp32()
-        if kernel_backend is not None:  # from_pretrained(..., kernel_backend=...) arrives here
-            self.set_kernel_backend(kernel_backend)
+        self._finish_projector_init(kernel_backend)
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
@@ -766,9 +766,7 @@ class HoneybeeForConditionalGeneration(HoneybeePreTrainedModel, GenerationMixin)
         self.model = HoneybeeModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
-        self._keep_projector_in_fp32()
-        if kernel_backend is not None:  # from_pretrained(..., kernel_backend=...) arrives here
-            self.set_kernel_backend(kernel_backend)
+        self._finish_projector_init(kernel_backend)
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
