@@ -52,6 +52,7 @@ make_env() {  # NAME: create .venvs/NAME unless its stamp is current; all output
   stamp=$( (python3 --version; echo "${PACKAGES[$name]} ${NO_DEPS[$name]:-}"; declare -f "after_install_$name" || true) |
     sha1sum | cut -c1-16)
   if [[ -f $dir/.stamp && $(cat "$dir/.stamp") == "$stamp" ]]; then
+    echo "current"
     "$dir/bin/pip" install -q --no-deps -e . >/dev/null 2>&1  # picks up setup.cfg changes (entry points, packages)
     return
   fi
@@ -84,7 +85,8 @@ while [[ ${#pending[@]} -gt 0 ]]; do
     if kill -0 "${pids[$name]}" 2>/dev/null; then
       still+=("$name")
     elif wait "${pids[$name]}"; then
-      echo "env $name: ready in $((SECONDS - began[$name])) s ($(".venvs/$name/bin/python" -c \
+      how=created; [[ $(head -1 ".venvs/$name.log") == current ]] && how=current
+      echo "env $name: ready ($how) in $((SECONDS - began[$name])) s ($(".venvs/$name/bin/python" -c \
         'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"
     else
       echo "env $name: FAILED after $((SECONDS - began[$name])) s; the end of .venvs/$name.log:" >&2
