@@ -17,7 +17,7 @@ for env in tf4 tf5 vllm llmc; do
   began=$SECONDS
   result=passed
   # exit code 5 (no test collected, e.g. all deselected by -k) is not a failure
-  .venvs/$env/bin/python -m pytest ${TESTS[$env]} -q -p no:cacheprovider --timeout 900 "$@" || {
+  .venvs/$env/bin/python -m pytest ${TESTS[$env]} -q -p no:cacheprovider --timeout 900 --durations=10 "$@" || {
     code=$?
     [[ $code -eq 5 ]] || { status=1; result=FAILED; }
   }
