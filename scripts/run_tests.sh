@@ -6,6 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .venvs
+# torch.compile's kernel cache inside the clone, one per CPU capability: inductor reuses a kernel compiled under
+# another ATEN_CPU_CAPABILITY and then computes wrong numbers (seen with =avx2 on an AVX-512 machine).
+export TORCHINDUCTOR_CACHE_DIR=$PWD/.venvs/.cache/torchinductor-${ATEN_CPU_CAPABILITY:-native}
 setup_start=$SECONDS
 bash scripts/setup_envs.sh | tee .venvs/setup.out
 setup_seconds=$((SECONDS - setup_start))
