@@ -1082,17 +1082,53 @@ def adaptive_avg_pool_triton(x, h, w, out_h, out_w):
     return adaptive_avg_pool_op(x, h, w, out_h, out_w)
 
 
+# ---- start-up checks: each kernel on a small input, for kernel_backend="auto" (kernels_common.use_triton) -----
+# A 3 x 5 grid of 24 channels (a ragged channel tile), pooled to 2 x 3 (overlapping windows).
+
+
+def _cabs_canned_tensors(*shapes):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(shape, generator=g, dtype=torch.float64) for shape in shapes]
+
+
+def _cabs_canned_norm(seed=1, C=24):
+    g = torch.Generator().manual_seed(seed)
+    return 0.5 + torch.rand(C, generator=g, dtype=torch.float64), torch.randn(C, generator=g, dtype=torch.float64)
+
+
+def cabs_dwconv_block_canned_case():
+    x, dw = _cabs_canned_tensors((2, 15, 24), (24, 1, 3, 3))
+    args = (x, 3, 5, *_cabs_canned_norm(1), dw, *_cabs_canned_norm(2), 1e-5)
+    return cabs_dwconv_block_triton, cabs_dwconv_block_reference, args
+
+
+def ln_residual_silu_canned_case():
+    y, residual = _cabs_canned_tensors((2, 15, 24), (2, 15, 24))
+    return ln_residual_silu_triton, ln_residual_silu_reference, (y, *_cabs_canned_norm(), residual, 1e-5)
+
+
+def ln_residual_silu_pool_canned_case():
+    y, residual = _cabs_canned_tensors((2, 15, 24), (2, 15, 24))
+    args = (y, *_cabs_canned_norm(), residual, 1e-5, 3, 5, 2, 3)
+    return ln_residual_silu_pool_triton, ln_residual_silu_pool_reference, args
+
+
+def adaptive_avg_pool_canned_case():
+    (x,) = _cabs_canned_tensors((2, 15, 24))
+    return adaptive_avg_pool_triton, adaptive_avg_pool_reference, (x, 3, 5, 2, 3)
+
+
 # ---- entry points: the Triton kernel or the reference, as the backend and the tensors' device say -------------
 
 
 def cabs_dwconv_block(x, h, w, ln1_weight, ln1_bias, dw_weight, ln2_weight, ln2_bias, eps, backend="auto"):
-    if use_triton(backend, x):
+    if use_triton(backend, cabs_dwconv_block_canned_case, x):
         return cabs_dwconv_block_triton(x, h, w, ln1_weight, ln1_bias, dw_weight, ln2_weight, ln2_bias, eps)
     return cabs_dwconv_block_reference(x, h, w, ln1_weight, ln1_bias, dw_weight, ln2_weight, ln2_bias, eps)
 
 
 def ln_residual_silu(y, weight, bias, residual, eps, backend="auto"):
-    if use_triton(backend, y):
+    if use_triton(backend, ln_residual_silu_canned_case, y):
         return ln_residual_silu_triton(y, weight, bias, residual, eps)
     return ln_residual_silu_reference(y, weight, bias, residual, eps)
 
@@ -1100,12 +1136,12 @@ def ln_residual_silu(y, weight, bias, residual, eps, backend="auto"):
 def ln_residual_silu_pool(y, weight, bias, residual, eps, h, w, out_h, out_w, backend="auto"):
     """`ln_residual_silu` then `adaptive_avg_pool`, fused on the Triton path (the full-resolution output is never
     written): for the last block of the first RegStage, whose output only feeds the pool."""
-    if use_triton(backend, y):
+    if use_triton(backend, ln_residual_silu_pool_canned_case, y):
         return ln_residual_silu_pool_triton(y, weight, bias, residual, eps, h, w, out_h, out_w)
     return ln_residual_silu_pool_reference(y, weight, bias, residual, eps, h, w, out_h, out_w)
 
 
 def adaptive_avg_pool(x, h, w, out_h, out_w, backend="auto"):
-    if use_triton(backend, x):
+    if use_triton(backend, adaptive_avg_pool_canned_case, x):
         return adaptive_avg_pool_triton(x, h, w, out_h, out_w)
     return adaptive_avg_pool_reference(x, h, w, out_h, out_w)

@@ -1,5 +1,5 @@
-"""What the projector kernel modules share: the guarded Triton import, the backend rule (which path an op takes),
-dtype rules, output allocation and custom-op registration.
+"""What the projector kernel modules share: the guarded Triton import, the backend rule (which path an op takes,
+with "auto"'s start-up check of each kernel), dtype rules, output allocation and custom-op registration.
 
 The kernels are flat modules next to `modeling_honeybee.py` (`kernels_msda.py`, `kernels_cabstractor.py`, this
 one), so the package and every Hub folder run the same files: transformers' remote-code loader follows relative
@@ -11,6 +11,7 @@ Triton is optional (the tf4 test environment and CPU-only installs have none). W
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -86,17 +87,94 @@ def kernels_unavailable_reason(device):
     return f"Triton kernels do not run on {device.type} tensors; use backend='torch'"
 
 
-def use_triton(backend, *tensors):
+# The device types whose tensors "auto" offers to the kernels. CPU tensors run them only under Triton's interpreter,
+# which is for tests (slow): a test adds "cpu" here to run auto's start-up check through the interpreter.
+AUTO_KERNEL_DEVICE_TYPES = ("cuda",)
+
+# The largest max|kernel - reference| / max|reference| (per output and per input gradient) that "auto"'s start-up
+# check accepts, the reference computed in fp64 on the CPU from the same rounded inputs. A few times what the
+# kernel tests measure (fp32 accumulation order; fp16/bf16 output rounding, a whole bf16 ulp where Triton's
+# interpreter truncates), and far below what a wrong kernel gives (a doubled output: 1.0).
+SELF_CHECK_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+# (canned case, device, dtype) -> whether the kernel passed its start-up check there, for this process.
+_KERNEL_VERDICTS = {}
+
+
+def _relative_error(actual, expected):
+    expected = expected.double()
+    return ((actual.double().cpu() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def _self_check_error(kernel, reference, args, device, dtype):
+    """Run `kernel` on `args` (its tensors fp64 on the CPU) cast to `dtype` on `device`, forward and backward, and
+    `reference` on the same rounded values in fp64 on the CPU; None when every output and gradient agrees, else
+    what went wrong."""
+    tolerance = SELF_CHECK_TOLERANCE[dtype]
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        inputs = [a.to(dtype).to(device).requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+        expected_inputs = [a.to(dtype).double().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+        results = []
+        for fn, fn_inputs in ((kernel, inputs), (reference, expected_inputs)):
+            outputs = fn(*fn_inputs)
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            leaves = [a for a in fn_inputs if isinstance(a, torch.Tensor)]
+            g = torch.Generator().manual_seed(0)  # the same output gradients for both
+            grad_outputs = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o) for o in outputs]
+            grads = torch.autograd.grad(outputs, leaves, grad_outputs)
+            results.append([(f"output {i}", o) for i, o in enumerate(outputs)])
+            results[-1] += [(f"gradient of input {i}", gr) for i, gr in enumerate(grads)]
+    for (name, actual), (_, expected) in zip(*results):
+        error = _relative_error(actual, expected) if actual.shape == expected.shape else float("inf")
+        if not error <= tolerance:  # NaN fails too
+            return f"{name} differs from the PyTorch reference by {error:.1e} (tolerance {tolerance:.0e})"
+    return None
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: run once while tracing, the verdict a constant
+def kernel_passes_self_check(canned_case, device, dtype):
+    """Whether the kernel behind `canned_case` computes right on `device` in `dtype`: checked the first time it is
+    asked in this process (a few milliseconds on a GPU), remembered after. A kernel that fails to compile or
+    launch, or that disagrees with its PyTorch reference beyond `SELF_CHECK_TOLERANCE`, fails, with one warning
+    naming it, the device, the dtype and the error."""
+    key = (canned_case, device, dtype)
+    if key not in _KERNEL_VERDICTS and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False  # nothing may run inside a CUDA-graph capture: the reference, unchecked, for this call
+    if key not in _KERNEL_VERDICTS:
+        kernel, reference, args = canned_case()
+        try:
+            error = _self_check_error(kernel, reference, args, device, dtype)
+        except Exception as e:  # any compile or launch error: that is what the check is for
+            error = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+        if error is not None:
+            warnings.warn(
+                f"Honeybee's Triton kernel {kernel.__name__} failed its start-up check on {device} in {dtype} "
+                f"({error}); kernel_backend='auto' uses the PyTorch reference for it on {device} in {dtype} from "
+                "now on (kernel_backend='triton' would run the kernel anyway and raise on errors)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        _KERNEL_VERDICTS[key] = error is None
+    return _KERNEL_VERDICTS[key]
+
+
+def use_triton(backend, canned_case, *tensors):
     """Whether an op runs its Triton kernel for these tensors: the one rule every op's entry point follows.
 
-    "torch" never does; "auto" does when Triton imports and the tensors are on a GPU; "triton" always does, and
-    raises (saying why) where the kernels cannot run. Raises on an unknown backend.
+    "torch" never does. "auto" does when Triton imports, the tensors are on a GPU and the kernel passed its
+    start-up check there in the first tensor's dtype (`kernel_passes_self_check` on `canned_case`: a function
+    returning the kernel, its reference and a small input for both, its tensors fp64 on the CPU). "triton" always
+    does, with no check, and raises (saying why) where the kernels cannot run. Raises on an unknown backend.
     """
     check_kernel_backend(backend)
     if backend == "torch":
         return False
     if backend == "auto":
-        return HAS_TRITON and all(t.is_cuda for t in tensors)
+        if not (HAS_TRITON and all(t.device.type in AUTO_KERNEL_DEVICE_TYPES for t in tensors)):
+            return False
+        if tensors[0].dtype not in KERNEL_DTYPES:
+            return False
+        return kernel_passes_self_check(canned_case, tensors[0].device, tensors[0].dtype)
     for t in tensors:
         reason = kernels_unavailable_reason(t.device)
         if reason is not None:

@@ -445,8 +445,23 @@ def msda_triton(value, spatial_shapes, sampling_locations, attention_logits):
     return msda_op(value, flat_shapes, sampling_locations, attention_logits)
 
 
+def msda_canned_case():
+    """`kernel_backend="auto"`'s start-up check of `msda_triton`: two levels, a ragged head dim, samples inside, on
+    the border and outside the maps, each at least 0.25 px from a pixel centre line (where grad_loc jumps)."""
+    g = torch.Generator().manual_seed(0)
+    shapes, nh, hd, Q, P = [(4, 5), (2, 3)], 2, 12, 5, 3
+    value = torch.randn(2, sum(h * w for h, w in shapes), nh, hd, generator=g, dtype=torch.float64)
+    sizes = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float64)[:, None, :]  # (L, 1, 2): x, y
+    # sample at pixel coordinate `pixel + offset` (pixel centres at integers): pixel in [-1, size - 1]
+    pixel = torch.randint(0, 64, (2, Q, nh, len(shapes), P, 2), generator=g) % (sizes.long() + 1) - 1
+    offset = 0.25 + 0.5 * torch.rand(pixel.shape, generator=g, dtype=torch.float64)
+    locations = (pixel + offset + 0.5) / sizes  # align_corners=False: coordinate = location * size - 0.5
+    logits = torch.randn(2, Q, nh, len(shapes) * P, generator=g, dtype=torch.float64)
+    return msda_triton, msda_reference, (value, shapes, locations, logits)
+
+
 def msda(value, spatial_shapes, sampling_locations, attention_logits, backend="auto"):
     """`msda_reference` or `msda_triton`, as `backend` ("auto", "triton", "torch") and the tensors' device say."""
-    if use_triton(backend, value, sampling_locations, attention_logits):
+    if use_triton(backend, msda_canned_case, value, sampling_locations, attention_logits):
         return msda_triton(value, spatial_shapes, sampling_locations, attention_logits)
     return msda_reference(value, spatial_shapes, sampling_locations, attention_logits)

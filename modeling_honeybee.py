@@ -544,7 +544,8 @@ class HoneybeePreTrainedModel(PreTrainedModel):
 
     def set_kernel_backend(self, backend):
         """Pick the projector's fused-op implementation from now on, as `set_attn_implementation` picks attention:
-        "auto" (the default: the Triton kernels for CUDA tensors when Triton imports, else PyTorch), "triton"
+        "auto" (the default: the Triton kernels for CUDA tensors when Triton imports and each kernel passed its
+        start-up check against the PyTorch reference on that device and dtype, else PyTorch), "triton"
         (always the kernels; a forward where they cannot run raises and says why) or "torch" (always the PyTorch
         reference; the same numbers). Runtime state, like the attention implementation: config.json never saves it.
         """

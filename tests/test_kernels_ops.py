@@ -79,14 +79,14 @@ def test_auto_takes_the_reference_on_cpu(monkeypatch):
 def test_triton_backend_without_triton_says_so(monkeypatch):
     monkeypatch.setattr(common, "HAS_TRITON", False)
     with pytest.raises(RuntimeError, match="Triton is not installed"):
-        common.use_triton("triton", torch.zeros(1))
+        common.use_triton("triton", cabstractor.adaptive_avg_pool_canned_case, torch.zeros(1))
 
 
 @needs_triton
 def test_triton_backend_on_cpu_without_interpreter_says_so(monkeypatch):
     monkeypatch.setattr(common, "KERNELS_INTERPRETED", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        common.use_triton("triton", torch.zeros(1))
+        common.use_triton("triton", cabstractor.adaptive_avg_pool_canned_case, torch.zeros(1))
 
 
 @needs_triton
