@@ -40,13 +40,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from ..cli import add_debug_flag, console_script
 from ..configuration_honeybee import HoneybeeConfig
-from ..modeling_honeybee import HoneybeeForConditionalGeneration
-from ..processing_honeybee import HoneybeeProcessor, honeybee_image_processor
 from .hub import refuse_existing, save_hub_folder, staging_folder, write_support_files
 from .model_card import render_model_card
 from .official import map_official_state_dict, num_eos_tokens_origin, official_config_to_kwargs
-from .tokenizer import IMAGE_TOKEN, load_backend, save_tokenizer_files
+
+# The model, processor and tokenizer modules are imported where they are used: importing them imports transformers'
+# modeling code, which imports its quantizer integrations (torchao, bitsandbytes) and whatever those print at start;
+# `--help` and a mistake in the arguments need none of it.
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -174,7 +176,7 @@ def unpacked_checkpoint(src, work_dir, progress=True):
         yield found
         return
     if not src.exists():
-        raise ConversionError(f"{src} does not exist")
+        raise ConversionError(f"{src} does not exist; pass an official .tar.gz archive or the folder it unpacks to")
     if not is_archive(src):
         raise ConversionError(f"{src} is neither a folder nor a .tar.gz/.tgz/.tar archive")
     Path(work_dir).mkdir(parents=True, exist_ok=True)
@@ -309,6 +311,8 @@ def parse_size(size):
 
 def tokenizer_backend(source, vocab_size, text_config):
     """The tokenizer's `tokenizers.Tokenizer`, checked against the checkpoint's vocabulary and special ids."""
+    from .tokenizer import IMAGE_TOKEN, load_backend
+
     try:
         backend = load_backend(source)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as error:
@@ -351,6 +355,9 @@ def check_eos_tokens(official, config, table):
 def build_processor(backend, config, image_mean=None, image_std=None):
     """A HoneybeeProcessor for `config` from a tokenizer backend (official image preprocessing)."""
     from transformers import AutoTokenizer
+
+    from ..processing_honeybee import HoneybeeProcessor, honeybee_image_processor
+    from .tokenizer import save_tokenizer_files
 
     with tempfile.TemporaryDirectory() as folder:
         save_tokenizer_files(backend, folder, model_max_length=config.text_config.max_position_embeddings)
@@ -475,6 +482,8 @@ def convert_official_checkpoint(
         weights = OfficialWeights(folder)
         table = weights.metadata(progress)
         check_eos_tokens(official, config, table)
+        from ..modeling_honeybee import HoneybeeForConditionalGeneration
+
         with torch.device("meta"):
             target = HoneybeeForConditionalGeneration(config).state_dict()
         try:  # every key, shape and the completeness, on meta tensors: no weight is read yet
@@ -536,6 +545,9 @@ def export_trained(src, out, processor=None, dtype=None, max_shard_size="5GB", f
 
     `processor`: a folder with the processor files (default: `src`). The weights keep their dtype unless `dtype`.
     """
+    from ..modeling_honeybee import HoneybeeForConditionalGeneration
+    from ..processing_honeybee import HoneybeeProcessor
+
     src, out = Path(src), Path(out)
     refuse_existing(out, force)
     processor_src = Path(processor) if processor is not None else src
@@ -597,10 +609,12 @@ def build_parser():
         "--processor", type=Path, help="for a honeybee-hf folder without processor files: where to take them from"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_debug_flag(parser)
     return parser
 
 
-def main(argv=None):
+@console_script("honeybee-convert")
+def main(argv):
     args = build_parser().parse_args(argv)
     try:
         if args.src.is_dir() and is_package_folder(args.src):
@@ -620,9 +634,6 @@ def main(argv=None):
                 allow_unknown_config_keys=args.allow_unknown_config_key,
                 progress=not args.quiet,
             )
-    except (ConversionError, OSError) as error:  # OSError: an existing OUT, a full disk, a missing file...
-        print(f"honeybee-convert: error: {error}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"honeybee-convert: interrupted; {args.out} was not written or changed", file=sys.stderr)
         return 130

@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..cli import add_debug_flag, console_script
 from .hub import CODE_FILES
 
 SUPPORT_FILES = (
@@ -24,6 +25,7 @@ SUPPORT_FILES = (
 )
 REQUIRED_AUTO_MAP = ("AutoConfig", "AutoModelForImageTextToText", "AutoProcessor")
 SKIPPED_DIRS = (".git", ".cache/huggingface")  # huggingface_hub's upload_folder never uploads these
+WRITE_IT_WITH = "publish the folder honeybee-convert (or save_hub_folder) wrote"
 
 
 class PublishError(ValueError):
@@ -88,15 +90,17 @@ def check_hub_folder(folder):
     """Check that `folder` is a complete Honeybee Hub folder; returns the files to upload (`folder_files`)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise PublishError(f"{folder} is not a folder")
+        raise PublishError(f"{folder} is not a folder; {WRITE_IT_WITH}")
     try:
         config = json.loads((folder / "config.json").read_text())
     except FileNotFoundError:
-        raise PublishError(f"{folder} has no config.json") from None
+        raise PublishError(f"{folder} has no config.json, so it is no model folder; {WRITE_IT_WITH}") from None
     except json.JSONDecodeError as error:
         raise PublishError(f"{folder / 'config.json'} is not valid JSON ({error})") from error
     if config.get("model_type") != "honeybee":
-        raise PublishError(f"{folder}/config.json has model_type {config.get('model_type')!r}, not 'honeybee'")
+        raise PublishError(
+            f"{folder}/config.json has model_type {config.get('model_type')!r}, not 'honeybee'; {WRITE_IT_WITH}"
+        )
     auto_map = config.get("auto_map") or {}
     missing = [k for k in REQUIRED_AUTO_MAP if k not in auto_map]
     if missing:
@@ -176,10 +180,12 @@ def build_parser():
     parser.add_argument(
         "--dry-run", action="store_true", help="check the folder and list what would be uploaded, send nothing"
     )
+    add_debug_flag(parser)
     return parser
 
 
-def main(argv=None):
+@console_script("honeybee-publish")
+def main(argv):
     args = build_parser().parse_args(argv)
     try:
         publish(
@@ -191,16 +197,8 @@ def main(argv=None):
             token=args.token,
             dry_run=args.dry_run,
         )
-    except PublishError as error:
-        print(f"honeybee-publish: error: {error}", file=sys.stderr)
-        return 1
-    except Exception as error:  # network and Hub errors: say what failed, without a traceback
-        from huggingface_hub.errors import HfHubHTTPError
-
-        if isinstance(error, (HfHubHTTPError, OSError)):
-            print(f"honeybee-publish: error: the upload failed: {error}", file=sys.stderr)
-            return 1
-        raise
+    except OSError as error:  # network and Hub errors (HfHubHTTPError is an OSError): say what failed
+        raise OSError(f"the upload failed: {error}") from error
     return 0
 
 

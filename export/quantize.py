@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import CommandError, add_debug_flag, console_script
 from ..modeling_honeybee import HoneybeeForConditionalGeneration
 from ..processing_honeybee import CAPTION_QUESTION, HoneybeeProcessor
 from .hub import staging_folder, write_support_files
@@ -221,28 +222,26 @@ def build_parser():
         f"{len(CALIBRATION_IMAGES)} example photos",
     )
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists (once the new one is complete)")
+    add_debug_flag(parser)
     return parser
 
 
-def main(argv=None):
+@console_script("honeybee-quantize")
+def main(argv):
     args = build_parser().parse_args(argv)
     try:
         import llmcompressor  # noqa: F401
     except ImportError:
-        print(
-            "honeybee-quantize: error: llm-compressor is not installed; create its environment with "
-            "`bash scripts/setup_envs.sh llmc` (llm-compressor 0.14 needs transformers <=5.17)",
-            file=sys.stderr,
-        )
-        return 1
+        raise CommandError(
+            "llm-compressor is not installed; create its environment with `bash scripts/setup_envs.sh llmc` "
+            "(llm-compressor 0.14 needs transformers <=5.17)"
+        ) from None
     if not (args.src / "config.json").is_file():
-        print(f"honeybee-quantize: error: {args.src} is not a Hub folder (no config.json)", file=sys.stderr)
-        return 1
-    try:
-        drift = quantize(args.src, args.out, args.scheme, args.images, args.force)
-    except (OSError, ValueError) as error:
-        print(f"honeybee-quantize: error: {error}", file=sys.stderr)
-        return 1
+        raise CommandError(f"{args.src} is not a Hub folder (no config.json); pass the folder honeybee-convert wrote")
+    for image in args.images or ():
+        if not image.is_file():
+            raise CommandError(f"--images {image}: no such file; pass photos (JPEG, PNG) to calibrate on")
+    drift = quantize(args.src, args.out, args.scheme, args.images, args.force)
     print(f"wrote {args.out}: {drift.describe()}")
     return 0
 

@@ -251,7 +251,11 @@ class HoneybeeConversationDataset(Dataset):
                         raise
         self.skipped_at_start = self.report.count
         if not self.samples:
-            raise ValueError(f"no usable samples in {', '.join(map(str, files))} ({self.report.count} bad)")
+            bad = f"{self.report.count} bad, reported above" if self.report.count else "none at all"
+            raise ValueError(
+                f"no usable samples in {', '.join(map(str, files))} ({bad}); each line must be a JSON object with "
+                "'conversations' (LLaVA style) or 'caption' and 'image'"
+            )
         if self.skipped_at_start:
             logger.warning("skipped %d bad sample(s); %d remain", self.skipped_at_start, len(self.samples))
         # Mid-run problems (an image that fails to decode) happen on the rank that reads them: every rank reports.

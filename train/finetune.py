@@ -42,6 +42,7 @@ from transformers import (
     set_seed,
 )
 
+from ..cli import DEBUG_HELP, CommandError, add_debug_flag, check_model_source, console_script
 from ..export.hub import save_hub_folder
 from ..processing_honeybee import SYSTEM_PROMPT
 from .data import BadSampleError, HoneybeeCollator, HoneybeeConversationDataset
@@ -290,7 +291,9 @@ def _given(argv, name):
 
 def parse_args(argv):
     argv = _rewrite_argv(list(argv))
-    parser = HfArgumentParser((FinetuneArguments, TrainingArguments), prog="honeybee-finetune")
+    parser = HfArgumentParser(
+        (FinetuneArguments, TrainingArguments), prog="honeybee-finetune", epilog=f"--debug, -v (no value): {DEBUG_HELP}"
+    )
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
     defaults = {
         "remove_unused_columns": False,  # the collator needs the raw sample dicts
@@ -374,6 +377,7 @@ def run(argv=None, callbacks=None):
 
 def _run(argv, callbacks):
     args, training_args = parse_args(argv)
+    check_inputs(args, training_args)
     _setup_logging(training_args)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
@@ -442,6 +446,19 @@ def _run(argv, callbacks):
     return trainer
 
 
+def check_inputs(args, training_args):
+    """The paths a run reads and writes, checked before anything loads: each mistake in one line."""
+    check_model_source(args.model, "--model")
+    for path in args.data:
+        if not os.path.isfile(path):
+            what = "a folder" if os.path.isdir(path) else "no such file"
+            raise CommandError(f"--data {path}: {what}; pass LLaVA-style conversation JSONL (or JSON array) files")
+    if args.image_root is not None and not os.path.isdir(args.image_root):
+        raise CommandError(f"--image_root {args.image_root}: no such folder; pass the folder image paths start from")
+    if os.path.exists(training_args.output_dir) and not os.path.isdir(training_args.output_dir):
+        raise CommandError(f"--output_dir {training_args.output_dir}: a file; pass a folder (created if missing)")
+
+
 def merge_main(argv):
     import argparse
 
@@ -453,14 +470,21 @@ def merge_main(argv):
     parser.add_argument("--output", required=True, help="where to write the merged Hub-ready folder")
     parser.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES], help="dtype of the merged weights")
     parser.add_argument("--force", action="store_true", help="replace --output if it exists")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
+    check_model_source(args.model, "--model")
+    if not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
+        raise CommandError(
+            f"--adapter {args.adapter}: no adapter_config.json there; pass the adapter folder a LoRA run wrote "
+            "(OUTPUT_DIR/adapter)"
+        )
     merge_adapter(args.model, args.adapter, args.output, dtype=args.dtype, force=args.force)
     print(args.output)
     return 0
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+@console_script("honeybee-finetune")
+def main(argv):
     if argv and argv[0] == "merge":
         return merge_main(argv[1:])
     if argv and argv[0] == "config":
