@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from cli_helpers import assert_one_line_error, run_console_script
 from honeybee_hf.export.quantize import KEEP_UNQUANTIZED, SCHEMES, logit_drift, main
 
 pytest.importorskip(
@@ -117,3 +118,12 @@ def test_cli_refuses_an_existing_output(source, tmp_path, capsys):
     (tmp_path / "out").mkdir()
     assert main([str(folder), str(tmp_path / "out"), "--scheme", "fp8-dynamic"]) == 1
     assert "--force" in capsys.readouterr().err
+
+
+def test_console_script_answers_mistakes_in_one_line(tmp_path):
+    """The installed `honeybee-quantize`, in a fresh process: an unknown scheme and a folder that is no model."""
+    result = run_console_script("honeybee-quantize", tmp_path, tmp_path / "out", "--scheme", "fp4")
+    assert_one_line_error(result, "honeybee-quantize", "--scheme", "'fp4'", "w8a8", "--help", exit_code=2)
+    result = run_console_script("honeybee-quantize", tmp_path, tmp_path / "out", "--scheme", "fp8-dynamic")
+    assert_one_line_error(result, "honeybee-quantize", str(tmp_path), "no config.json", "honeybee-convert")
+    assert not (tmp_path / "out").exists()
