@@ -3,8 +3,8 @@ may hold besides our own lines.
 
 Importing transformers' modeling or training code in the tf5 environment makes upstream packages print at start;
 nothing of ours can prevent it short of not importing transformers (what `--help` and argument mistakes do where the
-command allows it). `UPSTREAM_STARTUP_LINES` lists exactly those lines, each with the reason; a test ignores a line
-of stderr only when it matches one of them.
+command allows it). `UPSTREAM_STARTUP_LINES` lists exactly those lines, each with the reason (and one transformers
+4 notice that a processor load prints); a test ignores a line of stderr only when it matches one of them.
 """
 
 import re
@@ -23,6 +23,11 @@ UPSTREAM_STARTUP_LINES = {
     # and bitsandbytes, on a CPU with AVX512-BF16, looks for the Kernel Hub's `kernels` package and logs that it is
     # missing (bitsandbytes/backends/cpu/ops.py). Installing `kernels` would make it try to download from the Hub.
     "bitsandbytes CPU kernel": re.compile(r"^Failed to load CPU gemm_4bit_forward from kernels-community: "),
+    # transformers 4.57's AutoImageProcessor announces, once per process, that it loads the slow image processor a
+    # Hub folder names (ours: CLIPImageProcessor) because the caller left `use_fast` unset (5.x picks the fast one
+    # silently). Not a start-up line, and ours to settle: which image processor a Honeybee folder asks for is the
+    # processor's decision, left to it (it is the README's plain AutoProcessor.from_pretrained load too).
+    "transformers 4 slow image processor": re.compile(r"^Using a slow image processor as `use_fast` is unset "),
 }
 
 

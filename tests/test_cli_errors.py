@@ -52,6 +52,26 @@ def test_finetune_model_folder_that_does_not_exist(tmp_path):
     assert "Repo id" not in line
 
 
+def test_finetune_output_dir_or_image_root_that_cannot_be(tmp_path, capsys):
+    from honeybee_hf.train import finetune as finetune_module
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # the paths are checked before anything loads
+    data = tmp_path / "train.jsonl"
+    data.write_text("{}\n")
+    args = ["--model", str(model), "--data", str(data)]
+    assert finetune_module.main([*args, "--output_dir", str(data)]) == 1
+    assert (
+        capsys.readouterr().err
+        == f"honeybee-finetune: error: --output_dir {data}: a file; pass a folder (created if missing)\n"
+    )
+    assert (
+        finetune_module.main([*args, "--output_dir", str(tmp_path / "run"), "--image_root", str(tmp_path / "x")]) == 1
+    )
+    assert "--image_root" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
 def test_finetune_merge_with_a_wrong_adapter_folder(model_folder, tmp_path):
     result = run_console_script(
         "honeybee-finetune", "merge", "--model", model_folder, "--adapter", tmp_path, "--output", tmp_path / "out"
