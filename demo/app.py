@@ -99,7 +99,7 @@ def build_app(chat, title):
     layers = deformable_sampling_layers(chat.model)
     with gr.Blocks(title=title) as app:
         gr.Markdown(
-            f"# 🐝 Honeybee\n`{title}`: ask about a photo; see where each of its {num_tokens} visual tokens looks."
+            f"# Honeybee\n`{title}`: ask about a photo; see where each of its {num_tokens} visual tokens looks."
         )
         history = gr.State([])
         with gr.Row():
@@ -109,14 +109,20 @@ def build_app(chat, title):
                 with gr.Accordion("Sampling", open=False):
                     controls = dict(
                         mode=gr.Radio(list(DECODING_MODES), value=defaults.mode, label="Decoding"),
-                        max_new_tokens=gr.Slider(1, MAX_NEW_TOKENS_LIMIT, value=defaults.max_new_tokens, step=1, label="Max new tokens"),
+                        max_new_tokens=gr.Slider(
+                            1, MAX_NEW_TOKENS_LIMIT, value=defaults.max_new_tokens, step=1, label="Max new tokens"
+                        ),
                         temperature=gr.Slider(0.05, 2.0, value=defaults.temperature, step=0.05, label="Temperature"),
                         top_k=gr.Slider(1, 100, value=defaults.top_k, step=1, label="Top-k"),
                         top_p=gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p"),
                         num_beams=gr.Slider(2, 8, value=defaults.num_beams, step=1, label="Beams (beam search)"),
-                        no_repeat_ngram_size=gr.Slider(0, 6, value=defaults.no_repeat_ngram_size, step=1, label="No-repeat n-gram size"),
-                        length_penalty=gr.Slider(-2.0, 2.0, value=defaults.length_penalty, step=0.1, label="Length penalty (beam search)"),
-                    )  # fmt: skip
+                        no_repeat_ngram_size=gr.Slider(
+                            0, 6, value=defaults.no_repeat_ngram_size, step=1, label="No-repeat n-gram size"
+                        ),
+                        length_penalty=gr.Slider(
+                            -2.0, 2.0, value=defaults.length_penalty, step=0.1, label="Length penalty (beam search)"
+                        ),
+                    )
                     sampling = [controls[name] for name in SAMPLING_FIELDS]
             with gr.Column(scale=3):
                 with gr.Tab("Chat"):
@@ -143,8 +149,8 @@ def build_app(chat, title):
                             visible=layers > 0,
                         )
                     show = gr.Button("Show", variant="primary", elem_id="show-map")
-                    overlay = gr.Image(label="Token map", interactive=False, elem_id="token-map")
-                    caption = gr.Markdown(elem_id="token-caption")  # fmt: skip
+                    overlay = gr.Image(label="Token map", interactive=False, height=360, elem_id="token-map")
+                    caption = gr.Markdown(elem_id="token-caption")
 
         def on_answer(upload, url, history, question, *values):
             yield from answer(chat, upload, url, history, question, *values)

@@ -4,8 +4,8 @@ settings reach `generate`, stop ends generation, and a bad image or setting beco
 
 import pytest
 import torch
-from conftest import PHOTOS, photo
 
+from conftest import PHOTOS, photo
 from honeybee_hf.demo import app
 from honeybee_hf.demo.chat import BadImageError, HoneybeeChat, Sampling, read_image
 from honeybee_hf.processing_honeybee import SYSTEM_PROMPT
