@@ -106,9 +106,9 @@ def build_app(chat, title):
             with gr.Column(scale=2):
                 upload = gr.Image(type="filepath", sources=["upload", "clipboard"], label="Photo", elem_id="photo")
                 url = gr.Textbox(label="…or an image URL", placeholder="https://…", elem_id="url")
-                with gr.Accordion("Sampling", open=False):
+                with gr.Accordion("Sampling", open=False, elem_id="sampling"):
                     controls = dict(
-                        mode=gr.Radio(list(DECODING_MODES), value=defaults.mode, label="Decoding"),
+                        mode=gr.Radio(list(DECODING_MODES), value=defaults.mode, label="Decoding", elem_id="decoding"),
                         max_new_tokens=gr.Slider(
                             1, MAX_NEW_TOKENS_LIMIT, value=defaults.max_new_tokens, step=1, label="Max new tokens"
                         ),
@@ -117,7 +117,12 @@ def build_app(chat, title):
                         top_p=gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p"),
                         num_beams=gr.Slider(2, 8, value=defaults.num_beams, step=1, label="Beams (beam search)"),
                         no_repeat_ngram_size=gr.Slider(
-                            0, 6, value=defaults.no_repeat_ngram_size, step=1, label="No-repeat n-gram size"
+                            0,
+                            6,
+                            value=defaults.no_repeat_ngram_size,
+                            step=1,
+                            label="No-repeat n-gram size",
+                            elem_id="no-repeat",
                         ),
                         length_penalty=gr.Slider(
                             -2.0, 2.0, value=defaults.length_penalty, step=0.1, label="Length penalty (beam search)"
