@@ -159,12 +159,14 @@ def draw_sampling(image, layers, token, layer=None):
 
 
 def draw_field(image, field):
-    """The photo tinted by a patch-grid map (0 leaves a pixel untouched; the maximum gets 60% of FIELD_COLOUR)."""
+    """The photo tinted by a patch-grid map: 0 leaves a pixel untouched, any positive value tints it (15% of
+    FIELD_COLOUR, so the whole field shows), up to 65% at the maximum."""
     rgb = image.convert("RGB")
     W, H = rgb.size
     strength = (field / field.max()).float()[None, None]
     # each patch covers the same share of the photo as of the processor's squash-resized square: nearest neighbour
-    alpha = F.interpolate(strength, size=(H, W), mode="nearest")[0, 0] * 0.6
+    strength = F.interpolate(strength, size=(H, W), mode="nearest")[0, 0]
+    alpha = torch.where(strength > 0, 0.15 + 0.5 * strength, 0.0)
     pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32).copy())  # (H, W, 3)
     tint = torch.tensor(FIELD_COLOUR, dtype=torch.float32)
     blended = pixels * (1 - alpha[..., None]) + tint * alpha[..., None]
@@ -222,7 +224,6 @@ def main(argv=None):
     overlay.save(partial, format="PNG")
     partial.replace(args.out)  # atomic: a reader never sees half a PNG
     print(f"{args.out}: {caption}")
-    return args.out
 
 
 if __name__ == "__main__":
