@@ -37,7 +37,12 @@ def chat_messages(history):
 
 
 def pick_image(upload, url):
-    """The uploaded (or pasted) photo's path, else the URL field; `BadImageError` when neither can be read."""
+    """The uploaded (or pasted) photo, else the URL field's image; `BadImageError` when neither can be read.
+
+    The URL field takes http(s) URLs only: a path typed there would read files on the server."""
+    url = (url or "").strip()
+    if not upload and url and not url.lower().startswith(("http://", "https://")):
+        raise BadImageError(f"the image URL must start with http:// or https://, got {url[:60]!r}")
     return read_image(upload if upload else url)
 
 

@@ -133,7 +133,8 @@ def test_regenerate_replaces_the_last_answer(chat):
     [
         (None, "", "no image"),
         ("corrupt", "", "cannot read the image"),
-        (None, "/no/such/photo.jpg", "cannot read the image '/no/such/photo.jpg'"),
+        (None, "/etc/hostname", "the image URL must start with http:// or https://, got '/etc/hostname'"),
+        (None, "http://127.0.0.1:9/photo.jpg", "cannot read the image 'http://127.0.0.1:9/photo.jpg'"),
     ],
 )
 def test_a_bad_image_gives_a_message(chat, tmp_path, upload, url, says):
@@ -151,6 +152,8 @@ def test_a_bad_image_gives_a_message(chat, tmp_path, upload, url, says):
 
 def test_read_image_reads_a_photo_and_refuses_a_text_file(tmp_path):
     assert read_image(str(PHOTOS[0])).mode == "RGB"
+    with pytest.raises(BadImageError, match="cannot read the image '/no/such/photo.jpg'"):
+        read_image("/no/such/photo.jpg")
     text = tmp_path / "notes.txt"
     text.write_text("hello")
     with pytest.raises(BadImageError, match="notes.txt"):
