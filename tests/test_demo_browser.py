@@ -179,3 +179,8 @@ def test_the_app_captions_an_uploaded_photo_and_shows_a_token_map(trained, serve
         assert width == original.width  # the overlay is drawn on the uploaded photo itself
     assert find("#token-caption").text.startswith("token 4 (row 1, column 1 of 3x3)")
     screenshot(browser, "demo_token_map", tmp_path)
+
+    [t for t in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if t.text == "Chat"][0].click()
+    wait.until(lambda d: find("#clear").is_displayed())
+    find("#clear").click()
+    wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#chat [data-testid=bot], #chat [data-testid=user]"))
