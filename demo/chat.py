@@ -6,7 +6,7 @@ Only public APIs: `AutoProcessor`/`AutoModelForImageTextToText` with remote code
 """
 
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from transformers import (
@@ -165,8 +165,3 @@ class _StopWhenSet(StoppingCriteria):
 
     def __call__(self, input_ids, scores, **kwargs):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-def sampling_fields():
-    """The names and defaults of the sampling controls, in order (app.py builds one control per field)."""
-    return asdict(Sampling())
