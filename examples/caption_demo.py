@@ -4,6 +4,7 @@ and caption the photos with `pipeline("image-to-text")`, next to the captions it
 
     python examples/caption_demo.py [--out DIR] [--projector c-abs|d-abs] [--steps N] [--random-weights]
     python examples/caption_demo.py --model CONVERTED_FOLDER_OR_REPO
+    python examples/caption_demo.py --web    # then opens the web demo (honeybee-demo) on the model
 
 No real checkpoint can be downloaded here, so the model is tiny (a 32-pixel CLIP, a 2-layer Llama with a toy
 tokenizer) and learns the five captions by heart; `--random-weights` skips the training and shows what an
@@ -67,6 +68,14 @@ def caption(folder, photos, taught):
     return learned
 
 
+def serve(folder):
+    """The web demo on `folder`, on 127.0.0.1 until interrupted."""
+    from honeybee_hf.demo import app
+
+    print(f"serving {folder} in the web demo (Ctrl-C ends it)")
+    app.main(["--model", str(folder)])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="where to write the Hub folders (default: a temporary folder)")
@@ -76,10 +85,11 @@ def main(argv=None):
     parser.add_argument(
         "--model", help="caption the photos with this Honeybee (a converted folder or Hub repo) instead"
     )
+    parser.add_argument("--web", action="store_true", help="then serve the model in the web demo (needs Gradio)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.model:
-        return caption(args.model, PHOTOS, CAPTIONS)
+        return serve(args.model) if args.web else caption(args.model, PHOTOS, CAPTIONS)
     work = args.out or Path(tempfile.mkdtemp(prefix="honeybee-demo-"))
     work.mkdir(parents=True, exist_ok=True)
 
@@ -95,6 +105,8 @@ def main(argv=None):
     print("[3/3] loading it back as a Hub user would, and captioning the photos")
     learned = caption(folder, photos, CAPTIONS)
     print(f"{learned}/{len(CAPTIONS)} captions as taught, {time.perf_counter() - start:.0f} s in all.")
+    if args.web:
+        return serve(folder)
     print("The same with a real Honeybee (README, 'Convert and publish'):")
     print("  honeybee-convert 7B-C-Abs-M144.tar.gz honeybee-c-7b --tokenizer vicuna-7b-v1.5/tokenizer.model")
     print("  bash scripts/demo.sh --model honeybee-c-7b")
