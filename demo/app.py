@@ -11,6 +11,7 @@ file also runs as a Space's `app.py` next to an installed `honeybee_hf`.
 import argparse
 import os
 
+from honeybee_hf.cli import add_debug_flag, check_model_source, console_script
 from honeybee_hf.demo.chat import (
     DECODING_MODES,
     MAX_NEW_TOKENS_LIMIT,
@@ -191,22 +192,26 @@ def build_app(chat, title):
     return app
 
 
-def main(argv=None):
+@console_script("honeybee-demo")
+def main(argv):
     parser = argparse.ArgumentParser(prog="honeybee-demo", description="The Honeybee web demo (Gradio).")
     parser.add_argument("--model", help=f"a Honeybee folder or Hub repo (default: ${MODEL_VARIABLE})")
     parser.add_argument("--host", help="address to serve on (default: 127.0.0.1, or $GRADIO_SERVER_NAME)")
     parser.add_argument("--port", type=int, help="port (default: 7860, or $GRADIO_SERVER_PORT)")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     model = args.model or os.environ.get(MODEL_VARIABLE)
     if not model:
         raise ValueError(f"no model: pass --model FOLDER_OR_REPO or set {MODEL_VARIABLE}")
+    check_model_source(model, "--model")
     try:
         import gradio  # noqa: F401
     except ImportError:
         raise ImportError("honeybee-demo needs Gradio: pip install 'honeybee-hf[demo]'") from None
     app = build_app(HoneybeeChat.load(model), title=model)
     app.launch(server_name=args.host, server_port=args.port)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from ..cli import add_debug_flag, check_model_source, console_script
+
 HEAD_COLOURS = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
                 (70, 240, 240), (240, 50, 230))  # fmt: skip
 FIELD_COLOUR = (255, 40, 40)
@@ -197,7 +199,8 @@ def token_map(model, processor, image, token, layer=None):
     )
 
 
-def main(argv=None):
+@console_script("honeybee-visualize")
+def main(argv):
     parser = argparse.ArgumentParser(
         prog="honeybee-visualize",
         description="Draw where one visual token of a Honeybee looks on a photo (D-Abstractor: its sampling points; "
@@ -208,9 +211,11 @@ def main(argv=None):
     parser.add_argument("--out", required=True, type=Path, help="the PNG to write")
     parser.add_argument("--token", type=int, help="visual token index, row-major on the √M×√M map (default: centre)")
     parser.add_argument("--layer", type=int, help="D-Abstractor decoder layer, 0-based (default: all)")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.out.suffix.lower() != ".png":
         raise ValueError(f"--out must name a .png file, got {str(args.out)!r}")
+    check_model_source(args.model, "--model")
     from .chat import HoneybeeChat, read_image  # the model loads only once the arguments are known good
 
     image = read_image(args.photo)
@@ -224,7 +229,8 @@ def main(argv=None):
     overlay.save(partial, format="PNG")
     partial.replace(args.out)  # atomic: a reader never sees half a PNG
     print(f"{args.out}: {caption}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
