@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import transformers
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers.activations import ACT2FN
@@ -33,9 +32,12 @@ from .configuration_honeybee import HoneybeeConfig, HoneybeeProjectorConfig
 from .kernels_cabstractor import adaptive_avg_pool, cabs_dwconv_block, ln_residual_silu, ln_residual_silu_pool
 from .kernels_common import check_kernel_backend
 from .kernels_msda import msda
-
-TF4 = transformers.__version__.startswith("4.")
-
+from .transformers_compat import (
+    attention_registry_resolves_names,
+    image_features_return_dict_default,
+    keep_in_fp32_modules,
+    tied_weights_keys,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # CLIP vision tower (Radford et al. 2021), keys as transformers 4.x `CLIPVisionModel`
@@ -82,11 +84,12 @@ class HoneybeeAttention(nn.Module):
         # inside a half-precision model that runs flash attention (fp16/bf16 only)
         if implementation is None or ("flash" in implementation and dtype == torch.float32):
             return ALL_ATTENTION_FUNCTIONS["sdpa"]
-        if self.config._attn_implementation == "eager":
+        if implementation == "eager":
             return eager_attention_forward
-        if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # transformers 5: checks the name
+        # Both lookups written out in this file: transformers reads it to decide whether set_attn_implementation works.
+        if attention_registry_resolves_names():
             return ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        return ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]  # transformers 4
+        return ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
 
 
 class HoneybeeVisionAttention(HoneybeeAttention):
@@ -669,7 +672,7 @@ class HoneybeeModel(HoneybeePreTrainedModel):
         )  # (n, N, Cv)
         image_features = self.abstractor(features)  # (n, M + n_eos, D)
         if return_dict is None:
-            return_dict = not TF4
+            return_dict = image_features_return_dict_default()
         if not return_dict:
             return image_features
         return BaseModelOutputWithPooling(
@@ -754,12 +757,9 @@ class HoneybeeForConditionalGeneration(HoneybeePreTrainedModel, GenerationMixin)
         >>> processor.batch_decode(answer, skip_special_tokens=True)
     """
 
-    # Only read when the text config ties the head to the embeddings (Vicuna does not): a list on transformers 4,
-    # a target -> source dict on 5.
-    _tied_weights_keys = ["lm_head.weight"] if TF4 else {"lm_head.weight": "model.language_model.embed_tokens.weight"}
-    # HoneybeeModel's list seen from here: transformers 5 matches the quantizers' skip list from the root of the module
-    # names, transformers 4 anywhere in them (and accepts only bare module names).
-    _keep_in_fp32_modules = [name if TF4 else f"model.{name}" for name in HoneybeeModel._keep_in_fp32_modules]
+    # Only read when the text config ties the head to the embeddings (Vicuna does not).
+    _tied_weights_keys = tied_weights_keys("lm_head.weight", "model.language_model.embed_tokens.weight")
+    _keep_in_fp32_modules = keep_in_fp32_modules(HoneybeeModel._keep_in_fp32_modules, "model")
 
     def __init__(self, config: HoneybeeConfig, kernel_backend=None):
         super().__init__(config)

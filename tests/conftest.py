@@ -16,7 +16,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import transformers
 
+TF4 = transformers.__version__.startswith("4.")  # the tests' one name for "running on transformers 4.57"
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 PHOTOS = sorted((REPO / "assets" / "images").glob("*.jpeg"))
@@ -46,9 +48,7 @@ def tiny_folder(tmp_path):
 
 def other_python():
     """The interpreter of the other transformers version's test environment, or None."""
-    import transformers
-
-    other = "tf5" if transformers.__version__.startswith("4.") else "tf4"
+    other = "tf5" if TF4 else "tf4"
     python = REPO / ".venvs" / other / "bin" / "python"
     return python if python.exists() else None
 

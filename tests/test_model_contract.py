@@ -11,10 +11,9 @@ import torch.nn.functional as F
 import transformers
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from conftest import photo
+from conftest import TF4, photo
 from honeybee_hf.export.tiny import tiny_config, tiny_model, tiny_processor
 
-TF4 = transformers.__version__.startswith("4.")
 PROJECTORS = ["c-abs", "d-abs"]
 TWO_IMAGES = "A chat.\nHuman: <image>\nHuman: <image>\nHuman: What differs?\nAI: "
 

@@ -14,14 +14,13 @@ import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file
 
-from conftest import TESTS, photo, run_script
+from conftest import TESTS, TF4, photo, run_script
 from honeybee_hf.configuration_honeybee import HoneybeeConfig, HoneybeeProjectorConfig
 from honeybee_hf.export.tiny import tiny_config, tiny_model, tiny_processor
 
 sys.path.insert(0, str(TESTS))
 from load_and_run import load  # noqa: E402
 
-TF4 = transformers.__version__.startswith("4.")
 PROJECTORS = ["c-abs", "d-abs"]
 TRAINING_PROMPT = "A chat.\nHuman: <image>\nHuman: {q}\nAI: {a}"
 
