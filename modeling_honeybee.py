@@ -236,10 +236,11 @@ class HoneybeeVisionModel(HoneybeeVisionPreTrainedModel):
 # ---------------------------------------------------------------------------------------------------------
 
 
-# Every weight a fused op reads belongs to the module that calls the op: accelerate's offload hooks bring a
-# module's own weights to the device only while that module's forward runs, so a parent must not read its
-# children's weights. Hence the blocks below own their norms directly instead of holding timm's `conv`/`bn` children
-# (export/official.py renames the checkpoints' keys).
+# Why these blocks are not timm's `ConvNormAct` children (`conv1.conv`, `conv1.bn`, ...): every weight a fused op reads
+# must belong to the module that calls the op. accelerate's offload hooks bring a module's own weights to the device
+# only while that module's forward runs, so a parent reading its children's weights sees meta tensors. The first fused
+# op applies conv1's norm (LN1 + SiLU) inside the depthwise-conv kernel, so that norm lives in `conv2` as `in_norm_*`,
+# and each block owns its conv and norm weights directly; export/official.py renames the official keys to these.
 _CHANNEL_NORM_EPS = 1e-5  # timm's `LayerNormAct2d`
 
 
@@ -371,7 +372,8 @@ class HoneybeeRegStage(nn.Module):
 class HoneybeeAdaptivePool(nn.Module):
     """`nn.AdaptiveAvgPool2d` on token-major maps; 16->12 and 24->16 have overlapping windows.
 
-    With depth > 0 the pool runs fused into the first stage's last block; this module then only holds the size.
+    With depth > 0 the pool runs fused into the first stage's last block (its output is never written at full
+    resolution); this module then only holds the size, and keeps stage 2 at the official key `net.2`.
     """
 
     def __init__(self, side, config):
@@ -402,12 +404,13 @@ class HoneybeeCAbstractor(nn.Module):
         self.grid = math.isqrt(num_input_tokens)
         self.prenorm = nn.LayerNorm(Cv, eps=1e-6) if config.prenorm else nn.Identity()
         self.pos_emb = nn.Parameter(torch.zeros(1, num_input_tokens, Cv)) if config.pos_emb else None
+        self.depth = config.depth
         pool = HoneybeeAdaptivePool(math.isqrt(config.num_query_tokens), config)
-        if config.depth > 0:
+        if self.depth > 0:  # the official keys: net.0 stage 1, net.1 the pool (no weights), net.2 stage 2
             self.net = nn.ModuleList(
                 [HoneybeeRegStage(config.depth, Cv, Ch, config), pool, HoneybeeRegStage(config.depth, Ch, Ch, config)]
             )
-        else:
+        else:  # net.0 the pool alone
             self.net = nn.ModuleList([pool])
         self.readout = _readout_mlp(Ch if config.depth > 0 else Cv, D, config.mlp_depth)
         self.eos_tokens = nn.Parameter(torch.zeros(1, config.num_eos_tokens, D)) if config.num_eos_tokens else None
@@ -416,7 +419,7 @@ class HoneybeeCAbstractor(nn.Module):
         x = self.prenorm(x)
         if self.pos_emb is not None:
             x = x + self.pos_emb
-        if len(self.net) == 1:  # depth 0: the pool alone
+        if self.depth == 0:
             x = self.net[0](x, self.grid, self.grid)  # (B, N, Cv) -> (B, M, Cv)
         else:
             stage1, pool, stage2 = self.net

@@ -19,7 +19,6 @@ import honeybee_hf.kernels_cabstractor as cabstractor
 import honeybee_hf.kernels_common as common
 import honeybee_hf.kernels_msda as msda_module
 from conftest import REPO
-from honeybee_hf.configuration_honeybee import HoneybeeProjectorConfig
 from honeybee_hf.export.hub import CODE_FILES
 from honeybee_hf.export.tiny import tiny_config, tiny_model
 from kernel_helpers import DEVICE, needs_triton
@@ -183,17 +182,12 @@ def test_set_kernel_backend_reaches_the_abstractor_copy_peft_trains(monkeypatch)
     assert len(calls) == expected_calls
 
 
-def test_kernel_backend_is_never_saved_and_old_configs_load(tmp_path):
+def test_kernel_backend_is_never_saved(tmp_path):
     model = tiny_model(tiny_config("d-abs"))
     model.set_kernel_backend("torch")
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert "kernel_backend" not in saved["projector_config"] and "kernel_backend" not in saved
-    # a folder written before the backend became runtime state: its "triton" must not force Triton on the loader
-    saved["projector_config"]["kernel_backend"] = "triton"
-    old = HoneybeeProjectorConfig(**saved["projector_config"])
-    assert old.kernel_backend == "auto" and "kernel_backend" not in old.to_dict()
-    assert HoneybeeProjectorConfig(kernel_backend="auto").kernel_backend == "auto"
 
 
 def test_from_pretrained_keyword_sets_the_backend(tmp_path):
