@@ -19,9 +19,10 @@ import pytest
 import transformers
 
 TF4 = transformers.__version__.startswith("4.")  # the tests' one name for "running on transformers 4.57"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent  # the checkout the tests run from
 TESTS = Path(__file__).resolve().parent
-PHOTOS = sorted((REPO / "assets" / "images").glob("*.jpeg"))
+PHOTO_DIR = REPO / "assets" / "images"
+PHOTOS = sorted(PHOTO_DIR.glob("*.jpeg"))
 _folder_ids = itertools.count()
 
 

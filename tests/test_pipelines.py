@@ -4,9 +4,7 @@ import pytest
 import transformers
 from PIL import Image
 
-from conftest import REPO
-
-PHOTOS = sorted((REPO / "assets" / "images").glob("*.jpeg"))
+from conftest import PHOTOS
 
 
 def direct_answer(model, processor, image, text, max_new_tokens):
