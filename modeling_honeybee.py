@@ -34,7 +34,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
 
 from .configuration_honeybee import HoneybeeConfig, HoneybeeProjectorConfig
-from .kernels_cabstractor import adaptive_avg_pool, cabs_dwconv_block, ln_residual_silu, ln_residual_silu_pool
+from .kernels_cabs_adaptive_pool import adaptive_avg_pool
+from .kernels_cabs_dwconv_block import cabs_dwconv_block
+from .kernels_cabs_ln_residual_silu import ln_residual_silu, ln_residual_silu_pool
 from .kernels_common import check_kernel_backend
 from .kernels_msda import msda
 from .transformers_compat import (
