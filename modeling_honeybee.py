@@ -598,7 +598,8 @@ class HoneybeePreTrainedModel(PreTrainedModel):
     def _finish_projector_init(self, kernel_backend):
         """After `post_init`, which resets `_keep_in_fp32_modules_strict` from the class on transformers 4 and 5."""
         if self.config.projector_config.projector_type == "d-abs":
-            # The official D-Abstractor always ran in fp32: half-precision loads (dtype=...) keep it there.
+            # The official D-Abstractor always ran in fp32: half-precision loads (dtype=...) keep it there. It stays in
+            # `_keep_in_fp32_modules` as well: that list is the only one the quantizers skip (bitsandbytes, torchao).
             self._keep_in_fp32_modules_strict = {"abstractor"}
         if kernel_backend is not None:  # from_pretrained(..., kernel_backend=...) arrives here
             self.set_kernel_backend(kernel_backend)
