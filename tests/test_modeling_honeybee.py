@@ -109,6 +109,7 @@ def test_greedy_generation_with_cache_equals_recomputing_everything(projector_ty
 def test_left_padded_batch_equals_each_sample_alone(projector_type):
     config = tiny_config(projector_type)
     model, processor = tiny_model(config, seed=2), tiny_processor(config)
+    model.generation_config.suppress_tokens = [config.image_token_id]  # as a saved folder's generation config
     texts = ["What is in the image?", "Describe this photo in detail, please, and say what the people do."]
     images = [photo(0), photo(2)]
     batch = processor(images=images, text=texts, return_tensors="pt")
