@@ -84,14 +84,6 @@ class HoneybeeProjectorConfig(PretrainedConfig):
         pooled_v_target="query",
         **kwargs,
     ):
-        # Configs saved before the backend became runtime state carry it; a saved value must not force a backend
-        # (which the loading machine may lack) on whoever loads the folder.
-        saved_backend = kwargs.pop("kernel_backend", "auto")
-        if saved_backend != "auto":
-            logger.warning(
-                f"HoneybeeProjectorConfig ignores kernel_backend={saved_backend!r}: the kernel backend is not part of "
-                "the config; pick it with model.set_kernel_backend(...) or from_pretrained(..., kernel_backend=...)"
-            )
         unknown = sorted(set(kwargs) - _GENERIC_CONFIG_KEYS - {"model_type"})
         if unknown:
             logger.warning(f"HoneybeeProjectorConfig ignores unknown keys {unknown}")
@@ -289,12 +281,14 @@ def _vicuna_7b():
     )
 
 
-# Generic evaluators pick the Auto class from the model type before they load the model: lmms-eval's `huggingface`
-# backend (0.7.3) takes AutoModelForImageTextToText when `config.model_type` is among its mapping's keys, and otherwise
-# AutoModel, which is Honeybee's backbone and cannot generate. Only this file is imported by then, so the model type is
-# registered here (transformers 5's mapping takes a model-type key). Loading never reads this entry (the class comes
-# from `auto_map`); pipelines only list the `__name__` of its value, which must be a class: the model class cannot be
-# imported from here (modeling_honeybee.py imports this file), so the config class stands in.
+# lmms-eval's generic `huggingface` backend (0.7.3, models/chat/huggingface.py) picks the Auto class before it loads
+# the model, by `config.model_type in AutoModelForImageTextToText._model_mapping.keys()`; otherwise it takes AutoModel,
+# which is Honeybee's backbone and cannot generate. It reads no `auto_map`, and the public
+# `AutoModelForImageTextToText.register(config_class, model_class)` keys the mapping by the config class, which that
+# string test never matches: only a model-type key does, so the mapping's own `register` gets one, at import (only this
+# file is imported by then). Loading never reads the entry (the class comes from `auto_map`); pipelines only list the
+# `__name__` of its value, which must be a class: the model class cannot be imported from here (modeling_honeybee.py
+# imports this file), so the config class stands in.
 AutoModelForImageTextToText._model_mapping.register(HoneybeeConfig.model_type, HoneybeeConfig, exist_ok=True)
 
 __all__ = ["HoneybeeConfig", "HoneybeeProjectorConfig"]

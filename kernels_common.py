@@ -1,8 +1,8 @@
 """What the projector kernel modules share: the guarded Triton import, the backend rule (which path an op takes,
 with "auto"'s start-up check of each kernel), dtype rules, output allocation and custom-op registration.
 
-The kernels are flat modules next to `modeling_honeybee.py` (`kernels_msda.py`, `kernels_cabstractor.py`, this
-one), so the package and every Hub folder run the same files: transformers' remote-code loader follows relative
+The kernels are flat modules next to `modeling_honeybee.py` (`kernels_msda.py`, the three `kernels_cabs_*.py`,
+this one), so the package and every Hub folder run the same files: transformers' remote-code loader follows relative
 imports between flat sibling files, never into a sub-package.
 
 Triton is optional (the tf4 test environment and CPU-only installs have none). Without it the kernels still
@@ -158,6 +158,19 @@ def kernel_passes_self_check(canned_case, device, dtype):
     return _KERNEL_VERDICTS[key]
 
 
+def canned_tensors(*shapes, seed=0):
+    """Reproducible fp64 CPU tensors of these shapes: the inputs of an op's canned case for "auto"'s check."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g, dtype=torch.float64) for shape in shapes]
+
+
+def canned_norm(channels, seed):
+    """A reproducible (weight, bias) pair of a channel norm for a canned case, weights away from zero."""
+    g = torch.Generator().manual_seed(seed)
+    weight = 0.5 + torch.rand(channels, generator=g, dtype=torch.float64)
+    return weight, torch.randn(channels, generator=g, dtype=torch.float64)
+
+
 def use_triton(backend, canned_case, *tensors):
     """Whether an op runs its Triton kernel for these tensors: the one rule every op's entry point follows.
 
@@ -252,3 +265,117 @@ def define_custom_op(namespace, name, impl, fake, backward=None, setup_context=N
     if backward is not None:
         op.register_autograd(backward, setup_context=setup_context)
     return op
+
+
+# ---- C-Abstractor kernels: the pieces their three ops share -----------------------------------------------------
+
+# A token's channels must fit one register tile ([BLOCK_T, next_pow2(C)]): LayerNorm needs the whole row.
+CABS_MAX_CHANNELS = 16384
+
+
+@triton.jit
+def cabs_layer_norm(x, weight, bias, c_mask, C, eps):
+    """Row LayerNorm of a [BLOCK_T, BLOCK_C] tile whose padding columns hold 0. Returns (out, xhat, mean, rstd)."""
+    mean = tl.sum(x, axis=1) / C
+    diff = tl.where(c_mask[None, :], x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / C + eps)
+    xhat = diff * rstd[:, None]
+    return xhat * weight[None, :] + bias[None, :], xhat, mean, rstd
+
+
+@triton.jit
+def cabs_layer_norm_backward(grad_out, xhat, rstd, weight, C):
+    """d loss / d x of LayerNorm, given d loss / d out: rstd * (g - mean(g) - xhat * mean(g * xhat)), g = grad*w."""
+    g = grad_out * weight[None, :]
+    mean_g = tl.sum(g, axis=1) / C
+    mean_gx = tl.sum(g * xhat, axis=1) / C
+    return rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
+
+
+@triton.jit
+def cabs_silu_grad(u):
+    """d silu(u) / du = s * (1 + u * (1 - s)), s = sigmoid(u)."""
+    s = tl.sigmoid(u)
+    return s * (1.0 + u * (1.0 - s))
+
+
+@triton.jit
+def cabs_load_rows(PTR, b, tokens, row_mask, N, c, c_mask, C, CT: tl.constexpr):
+    """Load tokens [BLOCK_T] of image b from a (B, N, C) tensor as a [BLOCK_T, BLOCK_C] CT tile (0 where masked).
+
+    `tokens` must already be clamped into [0, N): masked lanes still form addresses.
+    """
+    offs = (b * N + tokens).to(tl.int64)[:, None] * C + c[None, :]
+    return tl.load(PTR + offs, mask=row_mask[:, None] & c_mask[None, :], other=0.0).to(CT)
+
+
+@triton.jit
+def cabs_store_rows(PTR, b, tokens, row_mask, N, c, c_mask, C, value):
+    offs = (b * N + tokens).to(tl.int64)[:, None] * C + c[None, :]
+    tl.store(PTR + offs, value.to(PTR.dtype.element_ty), mask=row_mask[:, None] & c_mask[None, :])
+
+
+# ---- kernel (a): LN1+SiLU -> depthwise 3x3 -> LN2+SiLU -> SE mean -------------------------------------------
+
+
+#
+# Forward and backward part 1 loop over TILES token tiles of one image per program, so that their per-channel
+# reductions (SE sum, LN2 weight gradients) are written once per program as a partial row: plain stores into a
+# small (programs, rows, C) buffer that a `.sum` finishes. No atomics: deterministic, and the number of partial
+# rows is bounded by the launch size, not by B*N.
+
+
+@triton.jit
+def cabs_token_tile(tile, N, w, BLOCK_T: tl.constexpr):
+    """Tokens of one tile of an image, clamped into [0, N), their mask, row and column."""
+    t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = t < N
+    t = tl.minimum(t, N - 1)
+    return t, t_mask, t // w, t % w
+
+
+# ---- launch ------------------------------------------------------------------------------------------------
+
+
+def cabs_tiles(tokens, C, live_tiles):
+    """(BLOCK_T, BLOCK_C, num_warps) for a [BLOCK_T tokens, all C channels] program.
+
+    Heuristic, not autotuned (autotuning cannot run on the CPU CI). `live_tiles` is roughly how many
+    [BLOCK_T, BLOCK_C] fp32 tiles a kernel keeps in registers, to size BLOCK_T on a GPU.
+    """
+    if C > CABS_MAX_CHANNELS:
+        raise ValueError(f"C-Abstractor kernels hold a token's {C} channels in registers: at most {CABS_MAX_CHANNELS}")
+    block_c = next_pow2(C)
+    if KERNELS_INTERPRETED:
+        # the interpreter costs about the same per program whatever its size: few, large programs
+        return max(1, min(next_pow2(tokens), (1 << 18) // block_c)), block_c, 4
+    num_warps = 8 if block_c >= 1024 else 4
+    # keep the live tiles within about 64 fp32 registers per thread
+    budget = num_warps * 32 * 64
+    block_t = 1
+    while block_t < tokens and 2 * block_t * block_c * live_tiles <= budget:
+        block_t *= 2
+    return block_t, block_c, num_warps
+
+
+def cabs_tiles_per_program(tokens, block_t, B, device):
+    """(TILES, programs per image) for the kernels that loop over token tiles to write one partial row each.
+
+    Interpreter: one program per image (the loop then runs over a few large tiles). GPU: about four programs
+    per SM in total, so the partial-sum buffer stays small whatever B*N is.
+    """
+    tiles = triton.cdiv(tokens, block_t)
+    per_program = tiles if KERNELS_INTERPRETED else max(1, triton.cdiv(tiles * B, 4 * sm_count(device)))
+    return per_program, triton.cdiv(tiles, per_program)
+
+
+def cabs_check_tokens(op_name, x, h, w):
+    if x.dim() != 3 or x.shape[1] != h * w:
+        raise ValueError(f"{op_name}: expected (B, h*w = {h * w}, C) token-major input, got {tuple(x.shape)}")
+    if x.shape[0] == 0 or h <= 0 or w <= 0:
+        raise ValueError(f"{op_name}: empty input {tuple(x.shape)}")
+
+
+def cabs_weight_grads(partial, rows, params):
+    """Finish the partial sums: (programs, rows, C) -> one gradient per param, in the param's dtype."""
+    return [partial[:, row].sum(0).to(p.dtype) for row, p in zip(rows, params)]  # separate tensors, no views

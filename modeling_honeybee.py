@@ -19,23 +19,33 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import transformers
 from torch import nn
-from transformers import AutoModel, PreTrainedModel
+from transformers import AutoModel, CLIPVisionConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPast,
+    BaseModelOutputWithPooling,
+    CausalLMOutputWithPast,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
 
 from .configuration_honeybee import HoneybeeConfig, HoneybeeProjectorConfig
-from .kernels_cabstractor import adaptive_avg_pool, cabs_dwconv_block, ln_residual_silu, ln_residual_silu_pool
+from .kernels_cabs_adaptive_pool import adaptive_avg_pool
+from .kernels_cabs_dwconv_block import cabs_dwconv_block
+from .kernels_cabs_ln_residual_silu import ln_residual_silu, ln_residual_silu_pool
 from .kernels_common import check_kernel_backend
 from .kernels_msda import msda
-
-TF4 = transformers.__version__.startswith("4.")
-
+from .transformers_compat import (
+    attention_registry_resolves_names,
+    image_features_return_dict_default,
+    keep_in_fp32_modules,
+    lm_head_tp_plan,
+    tied_weights_keys,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # CLIP vision tower (Radford et al. 2021), keys as transformers 4.x `CLIPVisionModel`
@@ -82,11 +92,12 @@ class HoneybeeAttention(nn.Module):
         # inside a half-precision model that runs flash attention (fp16/bf16 only)
         if implementation is None or ("flash" in implementation and dtype == torch.float32):
             return ALL_ATTENTION_FUNCTIONS["sdpa"]
-        if self.config._attn_implementation == "eager":
+        if implementation == "eager":
             return eager_attention_forward
-        if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # transformers 5: checks the name
+        # Both lookups written out in this file: transformers reads it to decide whether set_attn_implementation works.
+        if attention_registry_resolves_names():
             return ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        return ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]  # transformers 4
+        return ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
 
 
 class HoneybeeVisionAttention(HoneybeeAttention):
@@ -99,16 +110,16 @@ class HoneybeeVisionAttention(HoneybeeAttention):
         self.scale = self.head_dim**-0.5
         self.k_proj, self.v_proj, self.q_proj, self.out_proj = (nn.Linear(C, C) for _ in range(4))
 
-    def forward(self, x):
+    def forward(self, x):  # (B, T, C) -> ((B, T, C), (B, nh, T, T) weights, or None from sdpa/flash)
         B, T, C = x.shape
         q, k, v = (
             proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )  # (B, nh, T, hd)
-        out, _ = self.attention_interface(q.dtype)(
+        out, weights = self.attention_interface(q.dtype)(
             self, q, k, v, None, dropout=0.0, scaling=self.scale, is_causal=False
         )
-        return self.out_proj(out.reshape(B, T, C))  # out: (B, T, nh, hd)
+        return self.out_proj(out.reshape(B, T, C)), weights  # out: (B, T, nh, hd)
 
 
 class HoneybeeVisionMLP(nn.Module):
@@ -130,9 +141,10 @@ class HoneybeeVisionEncoderLayer(GradientCheckpointingLayer):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = HoneybeeVisionMLP(config)
 
-    def forward(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+    def forward(self, x):  # (B, T, C) -> ((B, T, C), attention weights or None)
+        attended, weights = self.self_attn(self.layer_norm1(x))
+        x = x + attended
+        return x + self.mlp(self.layer_norm2(x)), weights
 
 
 class HoneybeeVisionEncoder(nn.Module):
@@ -150,29 +162,75 @@ class HoneybeeVisionTransformer(nn.Module):
         # CLIP's `post_layernorm` only normalises the pooled CLS, which Honeybee never reads: the converter drops it.
 
 
-class HoneybeeVisionModel(nn.Module):
-    """CLIP's vision transformer. Returns `hidden_states[feature_layer_index]` with the CLS token dropped.
+def _init_standard_layer(module, std):
+    """The library's usual init for the standard layers (normal(0, std) weights, zero biases, unit LayerNorms);
+    whether `module` was one of them."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        module.weight.normal_(0.0, std)
+        if module.bias is not None:
+            module.bias.zero_()
+    elif isinstance(module, nn.Embedding):
+        module.weight.normal_(0.0, std)
+    elif isinstance(module, nn.LayerNorm):
+        module.weight.fill_(1.0)
+        module.bias.zero_()
+    else:
+        return False
+    return True
+
+
+class HoneybeeVisionPreTrainedModel(PreTrainedModel):
+    """The CLIP tower's own pretrained-model class, as transformers' CLIP has: attention dispatch reads these flags
+    for the tower's config, and loading, offload and init treat the tower as a submodel (as LLaVA's tower)."""
+
+    config_class = CLIPVisionConfig
+    base_model_prefix = "vision_model"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)  # transformers 5
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HoneybeeVisionEncoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True  # transformers 5
+    _supports_flash_attn_2 = True  # transformers 4
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if not _init_standard_layer(module, std) and isinstance(module, HoneybeeVisionEmbeddings):
+            module.class_embedding.normal_(0.0, std)
+
+
+class HoneybeeVisionModel(HoneybeeVisionPreTrainedModel):
+    """CLIP's vision transformer (without `post_layernorm`, which only normalises the pooled CLS Honeybee never reads).
 
     NOTE: the inner `vision_model.` is transformers 4.x `CLIPVisionModel`'s, so our keys read as LLaVA's with CLIP
     on transformers 4 (`model.vision_tower.vision_model.*`), on every transformers version.
     """
 
     def __init__(self, config):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.vision_model = HoneybeeVisionTransformer(config)
+        self.post_init()
 
-    def forward(self, pixel_values, feature_layer_index=-1, output_hidden_states=False):
-        """-> ((B, N, Cv) the chosen hidden state without CLS, every hidden state (CLS included) or None)."""
+    def forward(self, pixel_values, output_attentions=False, num_layers=None, **kwargs):
+        """(B, 3, S, S) -> `BaseModelOutput`, every tensor (B, 1+N, Cv) with the CLS token first: `hidden_states`
+        the embeddings after `pre_layrnorm` then each layer's output, `last_hidden_state` the last of them, and with
+        `output_attentions` each layer's (B, nh, 1+N, 1+N) weights (None from attention functions that give none,
+        as sdpa). `num_layers`: run only the first layers, when a hidden state before the last is all one needs."""
         tower = self.vision_model
-        layers = tower.encoder.layers
-        chosen = len(layers) + 1 + feature_layer_index if feature_layer_index < 0 else feature_layer_index
         x = tower.pre_layrnorm(tower.embeddings(pixel_values))  # (B, 1+N, Cv): hidden_states[0]
-        hidden_states = [x]
-        for layer in layers if output_hidden_states else layers[:chosen]:  # layers past the chosen one: not run
-            x = layer(x)
+        hidden_states, attentions = [x], []
+        for layer in tower.encoder.layers[:num_layers]:
+            x, weights = layer(x)
             hidden_states.append(x)
-        return hidden_states[chosen][:, 1:], tuple(hidden_states) if output_hidden_states else None
+            attentions.append(weights)
+        return BaseModelOutput(
+            last_hidden_state=x,
+            hidden_states=tuple(hidden_states),
+            attentions=tuple(attentions) if output_attentions else None,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -180,10 +238,11 @@ class HoneybeeVisionModel(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
-# Every weight a fused op reads belongs to the module that calls the op: accelerate's offload hooks bring a
-# module's own weights to the device only while that module's forward runs, so a parent must not read its
-# children's weights. Hence the blocks below own their norms directly instead of holding timm's `conv`/`bn` children
-# (export/official.py renames the checkpoints' keys).
+# Why these blocks are not timm's `ConvNormAct` children (`conv1.conv`, `conv1.bn`, ...): every weight a fused op reads
+# must belong to the module that calls the op. accelerate's offload hooks bring a module's own weights to the device
+# only while that module's forward runs, so a parent reading its children's weights sees meta tensors. The first fused
+# op applies conv1's norm (LN1 + SiLU) inside the depthwise-conv kernel, so that norm lives in `conv2` as `in_norm_*`,
+# and each block owns its conv and norm weights directly; export/official.py renames the official keys to these.
 _CHANNEL_NORM_EPS = 1e-5  # timm's `LayerNormAct2d`
 
 
@@ -315,7 +374,8 @@ class HoneybeeRegStage(nn.Module):
 class HoneybeeAdaptivePool(nn.Module):
     """`nn.AdaptiveAvgPool2d` on token-major maps; 16->12 and 24->16 have overlapping windows.
 
-    With depth > 0 the pool runs fused into the first stage's last block; this module then only holds the size.
+    With depth > 0 the pool runs fused into the first stage's last block (its output is never written at full
+    resolution); this module then only holds the size, and keeps stage 2 at the official key `net.2`.
     """
 
     def __init__(self, side, config):
@@ -346,12 +406,13 @@ class HoneybeeCAbstractor(nn.Module):
         self.grid = math.isqrt(num_input_tokens)
         self.prenorm = nn.LayerNorm(Cv, eps=1e-6) if config.prenorm else nn.Identity()
         self.pos_emb = nn.Parameter(torch.zeros(1, num_input_tokens, Cv)) if config.pos_emb else None
+        self.depth = config.depth
         pool = HoneybeeAdaptivePool(math.isqrt(config.num_query_tokens), config)
-        if config.depth > 0:
+        if self.depth > 0:  # the official keys: net.0 stage 1, net.1 the pool (no weights), net.2 stage 2
             self.net = nn.ModuleList(
                 [HoneybeeRegStage(config.depth, Cv, Ch, config), pool, HoneybeeRegStage(config.depth, Ch, Ch, config)]
             )
-        else:
+        else:  # net.0 the pool alone
             self.net = nn.ModuleList([pool])
         self.readout = _readout_mlp(Ch if config.depth > 0 else Cv, D, config.mlp_depth)
         self.eos_tokens = nn.Parameter(torch.zeros(1, config.num_eos_tokens, D)) if config.num_eos_tokens else None
@@ -360,7 +421,7 @@ class HoneybeeCAbstractor(nn.Module):
         x = self.prenorm(x)
         if self.pos_emb is not None:
             x = x + self.pos_emb
-        if len(self.net) == 1:  # depth 0: the pool alone
+        if self.depth == 0:
             x = self.net[0](x, self.grid, self.grid)  # (B, N, Cv) -> (B, M, Cv)
         else:
             stage1, pool, stage2 = self.net
@@ -537,7 +598,8 @@ class HoneybeePreTrainedModel(PreTrainedModel):
     def _finish_projector_init(self, kernel_backend):
         """After `post_init`, which resets `_keep_in_fp32_modules_strict` from the class on transformers 4 and 5."""
         if self.config.projector_config.projector_type == "d-abs":
-            # The official D-Abstractor always ran in fp32: half-precision loads (dtype=...) keep it there.
+            # The official D-Abstractor always ran in fp32: half-precision loads (dtype=...) keep it there. It stays in
+            # `_keep_in_fp32_modules` as well: that list is the only one the quantizers skip (bitsandbytes, torchao).
             self._keep_in_fp32_modules_strict = {"abstractor"}
         if kernel_backend is not None:  # from_pretrained(..., kernel_backend=...) arrives here
             self.set_kernel_backend(kernel_backend)
@@ -559,16 +621,9 @@ class HoneybeePreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            module.weight.normal_(0.0, std)
-            if module.bias is not None:
-                module.bias.zero_()
-        elif isinstance(module, nn.Embedding):
-            module.weight.normal_(0.0, std)
-        elif isinstance(module, nn.LayerNorm):
-            module.weight.fill_(1.0)
-            module.bias.zero_()
-        elif isinstance(module, HoneybeeMultiscaleDeformableAttention):
+        if _init_standard_layer(module, std):
+            return
+        if isinstance(module, HoneybeeMultiscaleDeformableAttention):
             # Deformable DETR's init (children are initialised first): head h starts sampling along direction
             # 2πh/nh, point p at distance p+1; uniform attention; xavier value/output projections.
             nh, P = module.num_heads, module.num_points
@@ -583,8 +638,6 @@ class HoneybeePreTrainedModel(PreTrainedModel):
             for linear in (module.value_proj, module.output_proj):
                 nn.init.xavier_uniform_(linear.weight)
                 linear.bias.zero_()
-        elif isinstance(module, HoneybeeVisionEmbeddings):
-            module.class_embedding.normal_(0.0, std)
         elif isinstance(module, HoneybeePointwiseConv):
             module.weight.normal_(0.0, std)
         elif isinstance(module, (HoneybeeDepthwiseConvBlock, HoneybeeOutputConv)):
@@ -651,13 +704,15 @@ class HoneybeeModel(HoneybeePreTrainedModel):
     def set_decoder(self, decoder):
         self.language_model = decoder
 
-    def get_image_features(self, pixel_values, return_dict=None, output_hidden_states=None, **kwargs):
+    def get_image_features(
+        self, pixel_values, return_dict=None, output_hidden_states=None, output_attentions=None, **kwargs
+    ):
         """(num_images, 3, S, S) normalised pixels -> the visual tokens for the LLM, (num_images, M + n_eos, D).
 
-        With `return_dict=True` (transformers 5's default, as its LLaVA) a `BaseModelOutputWithPooling` whose
-        `pooler_output` holds them and `last_hidden_state` the CLIP features the projector read; otherwise the
-        tensor itself (what transformers 4 code expects: one (M + n_eos, D) row block per image).
-        `output_hidden_states=True` adds every CLIP hidden state (CLS included).
+        With `return_dict=True` (transformers 5's default, as its LLaVA) a `BaseModelOutputWithPooling` as LLaVA's:
+        `pooler_output` the visual tokens, `last_hidden_state` the CLIP tower's last hidden state (num_images, 1+N, Cv),
+        and, when asked, the tower's `hidden_states` (CLS included) and `attentions`. Otherwise the tensor itself
+        (what transformers 4 code expects: one (M + n_eos, D) row block per image).
         """
         S = self.config.vision_config.image_size
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, S, S):
@@ -665,16 +720,21 @@ class HoneybeeModel(HoneybeePreTrainedModel):
                 f"pixel_values must have shape (num_images, 3, {S}, {S}), got {tuple(pixel_values.shape)}; "
                 f"prepare images with HoneybeeProcessor, which resizes them to {S}x{S}"
             )
-        features, hidden_states = self.vision_tower(
-            pixel_values, self.config.projector_config.feature_layer_index, output_hidden_states=output_hidden_states
-        )  # (n, N, Cv)
-        image_features = self.abstractor(features)  # (n, M + n_eos, D)
         if return_dict is None:
-            return_dict = not TF4
+            return_dict = image_features_return_dict_default()
+        chosen = self.config.projector_config.feature_layer_index % (self.config.vision_config.num_hidden_layers + 1)
+        # The tower's layers past the chosen one run only when their output is asked for (last_hidden_state).
+        tower = self.vision_tower(
+            pixel_values, output_attentions=bool(output_attentions), num_layers=None if return_dict else chosen
+        )
+        image_features = self.abstractor(tower.hidden_states[chosen][:, 1:])  # (n, N, Cv) -> (n, M + n_eos, D)
         if not return_dict:
             return image_features
         return BaseModelOutputWithPooling(
-            last_hidden_state=features, pooler_output=image_features, hidden_states=hidden_states
+            last_hidden_state=tower.last_hidden_state,
+            pooler_output=image_features,
+            hidden_states=tower.hidden_states if output_hidden_states else None,
+            attentions=tower.attentions,
         )
 
     def get_placeholder_mask(self, input_ids, inputs_embeds):
@@ -755,12 +815,10 @@ class HoneybeeForConditionalGeneration(HoneybeePreTrainedModel, GenerationMixin)
         >>> processor.batch_decode(answer, skip_special_tokens=True)
     """
 
-    # Only read when the text config ties the head to the embeddings (Vicuna does not): a list on transformers 4,
-    # a target -> source dict on 5.
-    _tied_weights_keys = ["lm_head.weight"] if TF4 else {"lm_head.weight": "model.language_model.embed_tokens.weight"}
-    # HoneybeeModel's list seen from here: transformers 5 matches the quantizers' skip list from the root of the module
-    # names, transformers 4 anywhere in them (and accepts only bare module names).
-    _keep_in_fp32_modules = [name if TF4 else f"model.{name}" for name in HoneybeeModel._keep_in_fp32_modules]
+    # Only read when the text config ties the head to the embeddings (Vicuna does not).
+    _tied_weights_keys = tied_weights_keys("lm_head.weight", "model.language_model.embed_tokens.weight")
+    _keep_in_fp32_modules = keep_in_fp32_modules(HoneybeeModel._keep_in_fp32_modules, "model")
+    _tp_plan = lm_head_tp_plan()  # the language model brings its own layers' plan
 
     def __init__(self, config: HoneybeeConfig, kernel_backend=None):
         super().__init__(config)
@@ -799,10 +857,8 @@ class HoneybeeForConditionalGeneration(HoneybeePreTrainedModel, GenerationMixin)
     def language_model(self):
         return self.model.language_model
 
-    def get_image_features(self, pixel_values, return_dict=None, output_hidden_states=None, **kwargs):
-        return self.model.get_image_features(
-            pixel_values, return_dict=return_dict, output_hidden_states=output_hidden_states, **kwargs
-        )
+    def get_image_features(self, pixel_values, **kwargs):
+        return self.model.get_image_features(pixel_values, **kwargs)
 
     get_image_features.__doc__ = HoneybeeModel.get_image_features.__doc__
 

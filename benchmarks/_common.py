@@ -67,7 +67,9 @@ class _TorchvisionStub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec):
         module = types.ModuleType(spec.name)
         module.__path__ = []
-        module.__getattr__ = lambda name: _stand_in(f"{spec.name}.{name}") if not name.startswith("__") else _raise(name)
+        module.__getattr__ = lambda name: (
+            _stand_in(f"{spec.name}.{name}") if not name.startswith("__") else _raise(name)
+        )
         module.__version__ = "0+stub"
         return module
 
@@ -144,9 +146,15 @@ def _memory_gib():
 
 def _git_commit():
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty += subprocess.run(["git", "status", "--porcelain", "--", "benchmarks/*.py"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+        dirty += subprocess.run(
+            ["git", "status", "--porcelain", "--", "benchmarks/*.py"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
         return commit + (" (+ uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -157,15 +165,26 @@ def machine_description(device):
         return f"none (meta device; counted on {_cpu_name()})"
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return f"{props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs; host {_cpu_name()}, {os.cpu_count()} cores"
-    return f"{_cpu_name()}, {os.cpu_count()} cores, {_memory_gib():.0f} GiB RAM, {torch.get_num_threads()} torch thread{'s' if torch.get_num_threads() > 1 else ''}"
+        return (
+            f"{props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs; "
+            f"host {_cpu_name()}, {os.cpu_count()} cores"
+        )
+    threads = torch.get_num_threads()
+    return (
+        f"{_cpu_name()}, {os.cpu_count()} cores, {_memory_gib():.0f} GiB RAM, "
+        f"{threads} torch thread{'s' if threads > 1 else ''}"
+    )
 
 
 def header(title, device, dtype, command, extra=()):
     """Markdown lines stating what ran where: put on top of every table."""
     import transformers
 
-    versions = [f"python {platform.python_version()}", f"torch {torch.__version__}", f"transformers {transformers.__version__}"]
+    versions = [
+        f"python {platform.python_version()}",
+        f"torch {torch.__version__}",
+        f"transformers {transformers.__version__}",
+    ]
     for name in ("timm", "triton"):
         module = sys.modules.get(name)
         if module is not None:
@@ -178,9 +197,11 @@ def header(title, device, dtype, command, extra=()):
         f"- command: `{command}`",
         f"- machine: {machine_description(device)}; {platform.system()} {platform.release()}",
         f"- versions: {', '.join(versions)}; honeybee_hf at {_git_commit()}",
-        f"- device {device}, dtype {str(dtype).replace('torch.', '')}; date {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
+        f"- device {device}, dtype {str(dtype).replace('torch.', '')}; "
+        f"date {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
         f"- machine load (1-min load average) at start {LOAD_AT_START:.2f}, at end {os.getloadavg()[0]:.2f} "
-        f"({os.cpu_count()} cores; this run adds up to {torch.get_num_threads()} itself, more means other processes competed for the cores)",
+        f"({os.cpu_count()} cores; this run adds up to {torch.get_num_threads()} itself, more means other processes "
+        "competed for the cores)",
         *[f"- {line}" for line in extra],
         "",
     ]
@@ -243,7 +264,11 @@ def peak_memory_bytes(fn, device):
     # the call would free (stale gradients, outputs) before calling this, or the peak is overstated.
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]
     events.sort(key=lambda e: e.start_ns())
     live = peak = 0
     for event in events:

@@ -52,7 +52,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-cabstractor = C.import_package_module("kernels_cabstractor")
+dwconv = C.import_package_module("kernels_cabs_dwconv_block")
+ln_residual = C.import_package_module("kernels_cabs_ln_residual_silu")
 msda = C.import_package_module("kernels_msda")
 
 EPS = 1e-5  # timm LayerNormAct2d, as in the Honeybee RegStages
@@ -90,7 +91,7 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Linear(C, C, bias=False)
 
     def forward(self, x, h, w, pool_to=None):  # x (B, h*w, C)
-        y, se = cabstractor.cabs_dwconv_block(
+        y, se = dwconv.cabs_dwconv_block(
             self.conv1(x),
             h,
             w,
@@ -105,8 +106,8 @@ class Bottleneck(nn.Module):
         scale = torch.sigmoid(self.fc2(F.silu(self.fc1(se.to(y.dtype)))))  # (B, C)
         y = self.conv3(y * scale[:, None, :])
         if pool_to is None:
-            return cabstractor.ln_residual_silu(y, self.ln3.weight, self.ln3.bias, x, EPS, backend=self.backend)
-        return cabstractor.ln_residual_silu_pool(
+            return ln_residual.ln_residual_silu(y, self.ln3.weight, self.ln3.bias, x, EPS, backend=self.backend)
+        return ln_residual.ln_residual_silu_pool(
             y, self.ln3.weight, self.ln3.bias, x, EPS, h, w, pool_to, pool_to, backend=self.backend
         )
 

@@ -27,10 +27,9 @@ import math
 from functools import partial
 from pathlib import Path
 
+import _common as C
 import torch
 from torch import nn
-
-import _common as C
 
 # The released Honeybee-7B M144 projectors (honeybee_official.md §2.4, §3.1): CLIP ViT-L/14 at 224 px.
 VISION_WIDTH, GRID, LM_WIDTH, QUERIES = 1024, 16, 4096, 144
@@ -46,7 +45,9 @@ DABS = dict(d_model=1024, decoder_layers=6, decoder_attention_heads=8, decoder_n
 class OfficialCAbstractor(nn.Module):
     """The official CAbstractor's computation from timm's RegStage (pos_emb=True, prenorm=False, no eos)."""
 
-    def __init__(self, num_input_tokens, encoder_hidden_size, hidden_size, output_hidden_size, depth, mlp_depth, num_queries):
+    def __init__(
+        self, num_input_tokens, encoder_hidden_size, hidden_size, output_hidden_size, depth, mlp_depth, num_queries
+    ):
         super().__init__()
         from timm.layers import LayerNorm2d
         from timm.models.regnet import RegStage
@@ -54,7 +55,11 @@ class OfficialCAbstractor(nn.Module):
         block = partial(RegStage, stride=1, dilation=1, act_layer=nn.SiLU, norm_layer=LayerNorm2d)
         side = math.isqrt(num_queries)
         self.pos_emb = nn.Parameter(torch.zeros(1, num_input_tokens, encoder_hidden_size))
-        self.net = nn.Sequential(block(depth, encoder_hidden_size, hidden_size), nn.AdaptiveAvgPool2d((side, side)), block(depth, hidden_size, hidden_size))
+        self.net = nn.Sequential(
+            block(depth, encoder_hidden_size, hidden_size),
+            nn.AdaptiveAvgPool2d((side, side)),
+            block(depth, hidden_size, hidden_size),
+        )
         layers = [nn.Linear(hidden_size, output_hidden_size)]
         for _ in range(mlp_depth - 1):
             layers += [nn.SiLU(), nn.Linear(output_hidden_size, output_hidden_size)]
@@ -79,7 +84,9 @@ class OfficialDAbstractor(nn.Module):
         from transformers import DeformableDetrConfig
         from transformers.models.deformable_detr.modeling_deformable_detr import DeformableDetrDecoder
 
-        config = DeformableDetrConfig(num_feature_levels=1, num_queries=num_queries, activation_function="relu", dropout=0.1, **ddetr)
+        config = DeformableDetrConfig(
+            num_feature_levels=1, num_queries=num_queries, activation_function="relu", dropout=0.1, **ddetr
+        )
         config._attn_implementation = attn_implementation
         self.decoder = DeformableDetrDecoder(config)
         d, side = config.d_model, math.isqrt(num_queries)
@@ -151,7 +158,9 @@ def build_cabs(backend):
     from honeybee_hf.modeling_honeybee import HoneybeeCAbstractor
 
     N = GRID * GRID
-    official = OfficialCAbstractor(N, VISION_WIDTH, CABS["hidden_size"], LM_WIDTH, CABS["depth"], CABS["mlp_depth"], QUERIES)
+    official = OfficialCAbstractor(
+        N, VISION_WIDTH, CABS["hidden_size"], LM_WIDTH, CABS["depth"], CABS["mlp_depth"], QUERIES
+    )
     randomise_(official, seed=1)
     checkpoint = official.state_dict()  # official key names
     ours = {}
@@ -219,7 +228,11 @@ def measure(variants, x, mode, repeats, warmup, device, clocks):
     Returns {name: dict(runs={clock: [seconds]}, peak=bytes)}."""
     with torch.no_grad():
         shape = variants[next(iter(variants))](x).shape
-    grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(device=device, dtype=x.dtype) if mode != "fwd" else None
+    grad_out = (
+        torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(device=device, dtype=x.dtype)
+        if mode != "fwd"
+        else None
+    )
     steps = {name: make_step(m, x, mode, grad_out) for name, m in variants.items()}
     for _ in range(warmup):
         for step in steps.values():
@@ -255,14 +268,29 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="batch 1 only, 3 repeats (< 2 min on 2 CPU cores)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="C-Abstractor dtype; the D-Abstractor always runs fp32, as the official one")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="C-Abstractor dtype; the D-Abstractor always runs fp32, as the official one",
+    )
     parser.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 8; quick: 1)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per variant (default 5; quick: 3)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a small or shared machine more threads make CPU timings erratic; 0 = torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a small or shared machine more threads make CPU timings erratic; "
+        "0 = torch's default)",
+    )
     parser.add_argument("--projectors", nargs="+", default=["c-abs", "d-abs"], choices=["c-abs", "d-abs"])
-    parser.add_argument("--out", default=None, help="markdown report (default benchmarks/results/projector_official_<device>.md)")
-    parser.add_argument("--replot", metavar="JSON", help="only redraw the plot from the .json a run wrote next to its report")
+    parser.add_argument(
+        "--out", default=None, help="markdown report (default benchmarks/results/projector_official_<device>.md)"
+    )
+    parser.add_argument(
+        "--replot", metavar="JSON", help="only redraw the plot from the .json a run wrote next to its report"
+    )
     args = parser.parse_args()
     if args.replot:
         data = json.loads(Path(args.replot).read_text())
@@ -276,14 +304,29 @@ def main():
     repeats = args.repeats or (3 if args.quick else 5)
     timm = C.import_timm()
     backends = ["auto", "torch"] if device.type == "cuda" else ["torch"]
-    name_ours = {"auto": "ours (Triton kernels)", "torch": "ours (PyTorch path)"} if device.type == "cuda" else {"torch": "ours"}
+    name_ours = (
+        {"auto": "ours (Triton kernels)", "torch": "ours (PyTorch path)"}
+        if device.type == "cuda"
+        else {"torch": "ours"}
+    )
 
     clocks = ("wall", "cpu") if device.type == "cpu" else ("wall",)
     clock_note = " / ".join(clocks)
     rows, plot_data, verdicts = [], [], []
-    columns = ["projector", "B", "implementation", "dtype", "max abs diff vs official",
-               "fwd ms wall (p20–p80)", f"fwd time / official ({clock_note})", "fwd peak MiB",
-               "fwd+bwd ms wall (p20–p80)", f"fwd+bwd time / official ({clock_note})", "fwd+bwd peak MiB", "weights MiB"]
+    columns = [
+        "projector",
+        "B",
+        "implementation",
+        "dtype",
+        "max abs diff vs official",
+        "fwd ms wall (p20–p80)",
+        f"fwd time / official ({clock_note})",
+        "fwd peak MiB",
+        "fwd+bwd ms wall (p20–p80)",
+        f"fwd+bwd time / official ({clock_note})",
+        "fwd+bwd peak MiB",
+        "weights MiB",
+    ]
     for projector in args.projectors:
         if projector == "c-abs":
             official, ours = build_cabs(backends)
@@ -301,36 +344,73 @@ def main():
         for m in variants.values():
             m.to(device=device, dtype=run_dtype).eval()
         for B in batches:
-            x = torch.randn(B, GRID * GRID, VISION_WIDTH, generator=torch.Generator().manual_seed(10 + B)).to(device=device, dtype=run_dtype)
+            x = torch.randn(B, GRID * GRID, VISION_WIDTH, generator=torch.Generator().manual_seed(10 + B)).to(
+                device=device, dtype=run_dtype
+            )
             diffs = {name: parity(variants[reference_name], m, x) for name, m in variants.items()}
-            results = {mode: measure(variants, x, mode, repeats, args.warmup, device, clocks) for mode in ("fwd", "fwd+bwd")}
-            ratio = lambda mode, name, c, results=results, ref=reference_name: C.median(results[mode][name]["runs"][c]) / C.median(results[mode][ref]["runs"][c])  # noqa: E731
+            results = {
+                mode: measure(variants, x, mode, repeats, args.warmup, device, clocks) for mode in ("fwd", "fwd+bwd")
+            }
+            ratio = lambda mode, name, c, results=results, ref=reference_name: (
+                C.median(results[mode][name]["runs"][c]) / C.median(results[mode][ref]["runs"][c])
+            )  # noqa: E731
             for name, m in variants.items():
                 diff, scale = diffs[name]
-                row = [projector, B, name, str(run_dtype).replace("torch.", ""), "—" if name == reference_name else f"{diff:.2e} (max abs out {scale:.2g})"]
+                row = [
+                    projector,
+                    B,
+                    name,
+                    str(run_dtype).replace("torch.", ""),
+                    "—" if name == reference_name else f"{diff:.2e} (max abs out {scale:.2g})",
+                ]
                 for mode in ("fwd", "fwd+bwd"):
                     r = results[mode][name]
-                    row += [C.fmt_ms(C.median(r["runs"]["wall"]), r["runs"]["wall"]), " / ".join(f"{ratio(mode, name, c):.2f}" for c in clocks), C.fmt_mib(r["peak"])]
+                    row += [
+                        C.fmt_ms(C.median(r["runs"]["wall"]), r["runs"]["wall"]),
+                        " / ".join(f"{ratio(mode, name, c):.2f}" for c in clocks),
+                        C.fmt_mib(r["peak"]),
+                    ]
                 row.append(C.fmt_mib(C.tensor_bytes(m)))
                 rows.append(row)
-                plot_data.append((projector, B, name, {mode: {c: ratio(mode, name, c) for c in clocks} for mode in results},
-                                  {mode: C.median(results[mode][name]["runs"]["wall"]) for mode in results}, name == reference_name,
-                                  results["fwd"][name]["peak"]))
+                plot_data.append(
+                    (
+                        projector,
+                        B,
+                        name,
+                        {mode: {c: ratio(mode, name, c) for c in clocks} for mode in results},
+                        {mode: C.median(results[mode][name]["runs"]["wall"]) for mode in results},
+                        name == reference_name,
+                        results["fwd"][name]["peak"],
+                    )
+                )
                 if name.startswith("ours"):
-                    peak = lambda mode, results=results, name=name, ref=reference_name: results[mode][name]["peak"] / max(results[mode][ref]["peak"], 1)  # noqa: E731
+                    peak = lambda mode, results=results, name=name, ref=reference_name: (
+                        results[mode][name]["peak"] / max(results[mode][ref]["peak"], 1)
+                    )  # noqa: E731
                     verdicts.append(
-                        f"{projector} B={B} {name}: time / official fwd " + " / ".join(f"{ratio('fwd', name, c):.2f} ({c})" for c in clocks)
-                        + ", fwd+bwd " + " / ".join(f"{ratio('fwd+bwd', name, c):.2f} ({c})" for c in clocks)
+                        f"{projector} B={B} {name}: time / official fwd "
+                        + " / ".join(f"{ratio('fwd', name, c):.2f} ({c})" for c in clocks)
+                        + ", fwd+bwd "
+                        + " / ".join(f"{ratio('fwd+bwd', name, c):.2f} ({c})" for c in clocks)
                         + f"; peak memory / official fwd {peak('fwd'):.2f}, fwd+bwd {peak('fwd+bwd'):.2f}"
                     )
             print(f"done {projector} B={B}", flush=True)
 
     title = "Projector: ours vs the official formulation (real 7B-M144 shapes)"
     extra = [
-        f"shapes: CLIP ViT-L/14 @224 features (B, {GRID * GRID}, {VISION_WIDTH}) -> {QUERIES} queries -> LM width {LM_WIDTH}; "
+        f"shapes: CLIP ViT-L/14 @224 features (B, {GRID * GRID}, {VISION_WIDTH}) -> {QUERIES} queries -> "
+        f"LM width {LM_WIDTH}; "
         f"C-Abs {CABS}; D-Abs {DABS}",
-        f"median of {repeats} timed runs after {args.warmup} warm-up, variants interleaved (A B C, then C B A, ...); ratio = variant / official (first row of each block), medians of the same run",
-        *(["ratios on two clocks, `wall / cpu`: wall-clock and the CPU time of this process (time.process_time), which does not count time the cores spent on other processes"] if len(clocks) > 1 else []),
+        f"median of {repeats} timed runs after {args.warmup} warm-up, variants interleaved (A B C, then C B A, ...); "
+        "ratio = variant / official (first row of each block), medians of the same run",
+        *(
+            [
+                "ratios on two clocks, `wall / cpu`: wall-clock and the CPU time of this process "
+                "(time.process_time), which does not count time the cores spent on other processes"
+            ]
+            if len(clocks) > 1
+            else []
+        ),
         "peak MiB = peak of torch-allocated bytes during one call above what was live before it (weights excluded): "
         + ("torch.profiler CPU allocation events" if device.type == "cpu" else "torch.cuda.max_memory_allocated"),
         "max abs diff: outputs of the same weights on the same input, against the official row",
@@ -358,8 +438,11 @@ def plot(data, path, machine):
 
     groups = sorted({(d[0], d[1]) for d in data})
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.0))
-    panels = ((axes[0], "fwd", "forward time / official"), (axes[1], "fwd+bwd", "forward + backward time / official"),
-              (axes[2], "peak", "forward peak memory / official (weights excluded)"))
+    panels = (
+        (axes[0], "fwd", "forward time / official"),
+        (axes[1], "fwd+bwd", "forward + backward time / official"),
+        (axes[2], "peak", "forward peak memory / official (weights excluded)"),
+    )
     for ax, mode, title in panels:
         xs, labels, offset = [], [], 0
         for p, B in groups:
@@ -375,7 +458,15 @@ def plot(data, path, machine):
                 ax.bar(offset + i, ratios[mode]["wall"], color=color)
                 if "cpu" in ratios[mode]:
                     ax.plot(offset + i, ratios[mode]["cpu"], "k.", markersize=5)
-                ax.text(offset + i, ratios[mode]["wall"], f"{wall[mode] * 1e3:.0f}", ha="center", va="bottom", fontsize=7, rotation=90)
+                ax.text(
+                    offset + i,
+                    ratios[mode]["wall"],
+                    f"{wall[mode] * 1e3:.0f}",
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    rotation=90,
+                )
             xs.append(offset + (len(items) - 1) / 2)
             labels.append(f"{p}\nB={B}")
             offset += len(items) + 1
@@ -383,10 +474,16 @@ def plot(data, path, machine):
         ax.set_xticks(xs, labels)
         ax.set_ylim(0, ax.get_ylim()[1] * 1.12)
         ax.set_title(title + (" (labels: ms)" if mode != "peak" else " (labels: MiB)"), fontsize=9)
-    handles = [Patch(color="tab:gray", label="official formulation"), Patch(color="tab:olive", label="DDETR layers, sdpa attention"),
-               Patch(color="tab:blue", label="ours"), Line2D([], [], color="k", marker=".", linestyle="", label="CPU-time clock")]
+    handles = [
+        Patch(color="tab:gray", label="official formulation"),
+        Patch(color="tab:olive", label="DDETR layers, sdpa attention"),
+        Patch(color="tab:blue", label="ours"),
+        Line2D([], [], color="k", marker=".", linestyle="", label="CPU-time clock"),
+    ]
     fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
-    fig.suptitle(f"Honeybee projectors at 7B-M144 shapes vs the official formulation (lower is better) — {machine}", fontsize=9)
+    fig.suptitle(
+        f"Honeybee projectors at 7B-M144 shapes vs the official formulation (lower is better) — {machine}", fontsize=9
+    )
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     return path

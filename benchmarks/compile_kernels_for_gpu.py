@@ -20,7 +20,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction
 
-cabstractor = _common.import_package_module("kernels_cabstractor")
+dwconv = _common.import_package_module("kernels_cabs_dwconv_block")
+ln_residual = _common.import_package_module("kernels_cabs_ln_residual_silu")
+adaptive_pool = _common.import_package_module("kernels_cabs_adaptive_pool")
 common = _common.import_package_module("kernels_common")
 msda = _common.import_package_module("kernels_msda")
 
@@ -113,12 +115,12 @@ def launch_everything(dtype):
             torch.zeros(C, 1, 3, 3, dtype=dtype),
         )
         pooled = torch.zeros(B, out * out, C, dtype=dtype)
-        cabstractor._cabs_dwconv_block_forward(x, h, h, p, p, dw, p, p, 1e-5)
-        cabstractor._cabs_dwconv_block_backward(x, torch.zeros(B, C, dtype=acc), x, h, h, p, p, dw, p, p, 1e-5)
-        cabstractor._cabs_ln_residual_silu_pool_forward(x, p, p, x, 1e-5, h, h, out, out)
-        cabstractor._cabs_ln_residual_silu_pool_backward(pooled, x, p, p, x, 1e-5, h, h, out, out)
-        cabstractor._cabs_adaptive_avg_pool_forward(x, h, h, out, out)
-        cabstractor._cabs_adaptive_avg_pool_backward(pooled, x, h, h, out, out)
+        dwconv._cabs_dwconv_block_forward(x, h, h, p, p, dw, p, p, 1e-5)
+        dwconv._cabs_dwconv_block_backward(x, torch.zeros(B, C, dtype=acc), x, h, h, p, p, dw, p, p, 1e-5)
+        ln_residual._cabs_ln_residual_silu_pool_forward(x, p, p, x, 1e-5, h, h, out, out)
+        ln_residual._cabs_ln_residual_silu_pool_backward(pooled, x, p, p, x, 1e-5, h, h, out, out)
+        adaptive_pool._cabs_adaptive_avg_pool_forward(x, h, h, out, out)
+        adaptive_pool._cabs_adaptive_avg_pool_backward(pooled, x, h, h, out, out)
 
 
 def main():
@@ -132,7 +134,7 @@ def main():
     # launch nothing: compile instead, and let the launchers accept CPU tensors
     JITFunction.__getitem__ = lambda fn, grid: CompileOnlyLauncher(fn, args.arch)
     common.kernels_unavailable_reason = lambda device: None
-    common.sm_count = msda.sm_count = cabstractor.sm_count = lambda device: args.sms
+    common.sm_count = msda.sm_count = dwconv.sm_count = lambda device: args.sms
     print(f"triton {triton.__version__}, target sm_{args.arch}")
     for name in args.dtypes.split(","):
         launch_everything(DTYPES[name])

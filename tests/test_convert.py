@@ -104,7 +104,9 @@ def test_official_archive_folder_contents(official_folder, tmp_path):
             "config.json",
             "configuration_honeybee.py",
             "generation_config.json",
-            "kernels_cabstractor.py",
+            "kernels_cabs_adaptive_pool.py",
+            "kernels_cabs_dwconv_block.py",
+            "kernels_cabs_ln_residual_silu.py",
             "kernels_common.py",
             "kernels_msda.py",
             "model.safetensors",
@@ -115,6 +117,7 @@ def test_official_archive_folder_contents(official_folder, tmp_path):
             "special_tokens_map.json",
             "tokenizer.json",
             "tokenizer_config.json",
+            "transformers_compat.py",
         ]
     )
     config = json.loads((official_folder / "config.json").read_text())

@@ -20,7 +20,6 @@ from finetune_helpers import (
     load_model,
     load_processor,
     make_base,
-    other_venv_python,
     probe_batch,
     small_photos,
     text_sample,
@@ -30,6 +29,7 @@ from finetune_helpers import (
 )
 from safetensors.torch import load_file, save_file
 
+from conftest import other_python
 from honeybee_hf.processing_honeybee import AI, HUMAN, SYSTEM_PROMPT
 from honeybee_hf.train import finetune
 from honeybee_hf.train.data import (
@@ -65,12 +65,34 @@ def trained(base, data_file, photos, tmp_path_factory):
     """Stage lora, run through the CLI entry point: all samples in one batch, a high learning rate."""
     out = tmp_path_factory.mktemp("lora_run")
     merged = unique_folder(out, "hb_ft_merged")
-    trainer = finetune.run([
-        "--model", str(base), "--data", str(data_file), "--output_dir", str(out), "--stage", "lora",
-        "--lora_dropout", "0", "--max_steps", str(OVERFIT_STEPS), "--per_device_train_batch_size", "8",
-        "--learning_rate", "1e-2", "--logging_steps", "1", "--save_steps", "1000", "--seed", "0",
-        "--merge_to", str(merged),
-    ])
+    trainer = finetune.run(
+        [
+            "--model",
+            str(base),
+            "--data",
+            str(data_file),
+            "--output_dir",
+            str(out),
+            "--stage",
+            "lora",
+            "--lora_dropout",
+            "0",
+            "--max_steps",
+            str(OVERFIT_STEPS),
+            "--per_device_train_batch_size",
+            "8",
+            "--learning_rate",
+            "1e-2",
+            "--logging_steps",
+            "1",
+            "--save_steps",
+            "1000",
+            "--seed",
+            "0",
+            "--merge_to",
+            str(merged),
+        ]
+    )
     trainer.model.eval()
     return {"trainer": trainer, "out": out, "merged": merged}
 
@@ -114,8 +136,21 @@ def test_llava_conversation_becomes_official_prompt():
         {"from": "human", "value": "And this?\n<image>"},
         {"from": "gpt", "value": " A dog. "},
     ]
-    expected = (SYSTEM_PROMPT + HUMAN + "<image>" + HUMAN + "What is it?" + AI + "A cat." + HUMAN + "<image>" + HUMAN
-                + "And this?" + AI + "A dog.")
+    expected = (
+        SYSTEM_PROMPT
+        + HUMAN
+        + "<image>"
+        + HUMAN
+        + "What is it?"
+        + AI
+        + "A cat."
+        + HUMAN
+        + "<image>"
+        + HUMAN
+        + "And this?"
+        + AI
+        + "A dog."
+    )
     assert conversation_to_prompt(turns, 2) == expected
     # Images without <image> go to the first human turn, as in LLaVA; a system turn replaces the system prompt.
     plain = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]
@@ -307,7 +342,7 @@ print(transformers.__version__)
 
 
 def test_adapter_loads_in_the_other_transformers_version(trained, base, tmp_path):
-    python = other_venv_python()
+    python = other_python()
     if python is None:
         pytest.skip("the other transformers version's venv (.venvs/tf4 or .venvs/tf5) is not installed")
     batch = {k: v.contiguous() for k, v in probe_batch(load_processor(base)).items()}
@@ -331,11 +366,27 @@ def test_adapter_loads_in_the_other_transformers_version(trained, base, tmp_path
 @pytest.mark.parametrize("stage", ["projector", "full"])
 def test_projector_and_full_stages_write_a_hub_folder(stage, base, data_file, tmp_path):
     out = tmp_path / "run"
-    finetune.run([
-        "--model", str(base), "--data", str(data_file), "--output_dir", str(out), "--gradient_checkpointing",
-        "--stage", stage, "--max_steps", "2", "--per_device_train_batch_size", "4", "--save_steps", "1000",
-        "--logging_steps", "1",
-    ])
+    finetune.run(
+        [
+            "--model",
+            str(base),
+            "--data",
+            str(data_file),
+            "--output_dir",
+            str(out),
+            "--gradient_checkpointing",
+            "--stage",
+            stage,
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "4",
+            "--save_steps",
+            "1000",
+            "--logging_steps",
+            "1",
+        ]
+    )
     before, after = load_model(base).state_dict(), load_model(out / "model").state_dict()
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -424,10 +475,25 @@ def test_too_long_samples_are_bad(tmp_path, base):
 
 
 def test_bf16_lora_keeps_the_base_in_bf16_and_trains_in_fp32(base, data_file, tmp_path):
-    trainer = finetune.run([
-        "--model", str(base), "--data", str(data_file), "--output_dir", str(tmp_path), "--bf16",
-        "--max_steps", "2", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--save_steps", "1000",
-    ])
+    trainer = finetune.run(
+        [
+            "--model",
+            str(base),
+            "--data",
+            str(data_file),
+            "--output_dir",
+            str(tmp_path),
+            "--bf16",
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "4",
+            "--logging_steps",
+            "1",
+            "--save_steps",
+            "1000",
+        ]
+    )
     dtypes = {(p.requires_grad, p.dtype) for p in trainer.model.parameters()}
     assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -44,9 +44,29 @@ def setup(tmp_path_factory):
 
 def _train_args(setup, out, steps=STEPS):
     return [
-        "--model", setup["base"], "--data", setup["data"], "--output_dir", out, "--stage", "lora",
-        "--max_steps", steps, "--save_steps", SAVE_EVERY, "--per_device_train_batch_size", 2, "--logging_steps", 1,
-        "--learning_rate", "5e-3", "--gradient_checkpointing", "--seed", 0, "--dump", out / "dump",
+        "--model",
+        setup["base"],
+        "--data",
+        setup["data"],
+        "--output_dir",
+        out,
+        "--stage",
+        "lora",
+        "--max_steps",
+        steps,
+        "--save_steps",
+        SAVE_EVERY,
+        "--per_device_train_batch_size",
+        2,
+        "--logging_steps",
+        1,
+        "--learning_rate",
+        "5e-3",
+        "--gradient_checkpointing",
+        "--seed",
+        0,
+        "--dump",
+        out / "dump",
     ]
 
 

@@ -1,4 +1,4 @@
-"""Triton C-Abstractor fusions (kernels_cabstractor.py) against their references, forward and backward.
+"""Triton C-Abstractor fusions (kernels_cabs_*.py) against their references, forward and backward.
 
 Without a GPU these run under Triton's interpreter; kernel_helpers.py says how errors are measured.
 """
@@ -10,17 +10,17 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-import honeybee_hf.kernels_cabstractor as cabstractor  # noqa: E402
-from honeybee_hf.kernels_cabstractor import (  # noqa: E402
-    adaptive_avg_pool_reference,
-    adaptive_avg_pool_triton,
-    cabs_dwconv_block_reference,
-    cabs_dwconv_block_triton,
+import honeybee_hf.kernels_cabs_dwconv_block as dwconv  # noqa: E402
+import honeybee_hf.kernels_common as common  # noqa: E402
+from honeybee_hf.kernels_cabs_adaptive_pool import adaptive_avg_pool_reference, adaptive_avg_pool_triton  # noqa: E402
+from honeybee_hf.kernels_cabs_dwconv_block import cabs_dwconv_block_reference, cabs_dwconv_block_triton  # noqa: E402
+from honeybee_hf.kernels_cabs_ln_residual_silu import (  # noqa: E402
     ln_residual_silu_pool_reference,
     ln_residual_silu_pool_triton,
     ln_residual_silu_reference,
     ln_residual_silu_triton,
 )
+from honeybee_hf.kernels_common import CABS_MAX_CHANNELS, cabs_tiles  # noqa: E402
 from kernel_helpers import DEVICE, poisoned_outputs, randn  # noqa: E402, F401
 from kernel_helpers import check as check_against_reference  # noqa: E402
 
@@ -114,10 +114,11 @@ def test_poisoned_outputs_catch_a_missed_store(monkeypatch):
     """The NaN poisoning can catch a kernel that leaves tokens unwritten: launch one token tile of 16 where
     two are needed, and the missing tokens must show up as NaN."""
     inputs = [t.detach() if isinstance(t, torch.Tensor) else t for t in dwconv_block_inputs(1, 4, 8, 16, torch.float32)]
-    monkeypatch.setattr(cabstractor, "_cabs_tiles", lambda *args, **kwargs: (16, 16, 4))
-    monkeypatch.setattr(cabstractor, "triton", types.SimpleNamespace(cdiv=lambda a, b: 1))
+    monkeypatch.setattr(dwconv, "cabs_tiles", lambda *args, **kwargs: (16, 16, 4))
+    for module in (dwconv, common):  # the launch arithmetic: one tile, one program
+        monkeypatch.setattr(module, "triton", types.SimpleNamespace(cdiv=lambda a, b: 1))
     # the op's implementation itself: the registered op may be another identical copy's (a Hub folder's)
-    y, _ = cabstractor._cabs_dwconv_block_forward(*inputs)
+    y, _ = dwconv._cabs_dwconv_block_forward(*inputs)
     assert not y[:, :16].isnan().any()
     assert y[:, 16:].isnan().all()
 
@@ -207,4 +208,4 @@ def test_rejects_bad_shapes_and_dtypes():
     with pytest.raises(TypeError, match="supports"):
         adaptive_avg_pool_triton(x.to(torch.int64), 3, 4, 2, 2)
     with pytest.raises(ValueError, match="at most"):
-        cabstractor._cabs_tiles(16, cabstractor.CABS_MAX_CHANNELS + 1, live_tiles=4)
+        cabs_tiles(16, CABS_MAX_CHANNELS + 1, live_tiles=4)

@@ -79,7 +79,7 @@ def test_remote_code_model_runs_the_hub_folders_kernels(tiny_folder, projector_t
     if projector_type == "d-abs":
         kernels, name = remote_kernels(model, "kernels_msda"), "msda_triton"
     else:
-        kernels, name = remote_kernels(model, "kernels_cabstractor"), "cabs_dwconv_block_triton"
+        kernels, name = remote_kernels(model, "kernels_cabs_dwconv_block"), "cabs_dwconv_block_triton"
     launched, original = [], getattr(kernels, name)
     setattr(kernels, name, lambda *args: launched.append(1) or original(*args))
     try:

@@ -15,21 +15,22 @@ import pytest
 import torch
 from transformers.dynamic_module_utils import get_imports, get_relative_imports
 
-import honeybee_hf.kernels_cabstractor as cabstractor
+import honeybee_hf.kernels_cabs_adaptive_pool as adaptive_pool
+import honeybee_hf.kernels_cabs_dwconv_block as dwconv
+import honeybee_hf.kernels_cabs_ln_residual_silu as ln_residual
 import honeybee_hf.kernels_common as common
 import honeybee_hf.kernels_msda as msda_module
 from conftest import REPO
-from honeybee_hf.configuration_honeybee import HoneybeeProjectorConfig
 from honeybee_hf.export.hub import CODE_FILES
 from honeybee_hf.export.tiny import tiny_config, tiny_model
 from kernel_helpers import DEVICE, needs_triton
 
 TRITON_ENTRY_POINTS = [
     (msda_module, "msda_triton"),
-    (cabstractor, "cabs_dwconv_block_triton"),
-    (cabstractor, "ln_residual_silu_triton"),
-    (cabstractor, "ln_residual_silu_pool_triton"),
-    (cabstractor, "adaptive_avg_pool_triton"),
+    (dwconv, "cabs_dwconv_block_triton"),
+    (ln_residual, "ln_residual_silu_triton"),
+    (ln_residual, "ln_residual_silu_pool_triton"),
+    (adaptive_pool, "adaptive_avg_pool_triton"),
 ]
 
 
@@ -68,10 +69,10 @@ def test_auto_takes_the_reference_on_cpu(monkeypatch):
     (value, loc, logits), shapes = msda_inputs(dtype=torch.float32)
     msda_module.msda(value.cpu(), shapes, loc.cpu(), logits.cpu())
     x = torch.randn(2, 12, 8)
-    cabstractor.adaptive_avg_pool(x, 3, 4, 2, 2)
-    cabstractor.ln_residual_silu(x, torch.ones(8), torch.zeros(8), x, 1e-5)
-    cabstractor.ln_residual_silu_pool(x, torch.ones(8), torch.zeros(8), x, 1e-5, 3, 4, 2, 2)
-    cabstractor.cabs_dwconv_block(
+    adaptive_pool.adaptive_avg_pool(x, 3, 4, 2, 2)
+    ln_residual.ln_residual_silu(x, torch.ones(8), torch.zeros(8), x, 1e-5)
+    ln_residual.ln_residual_silu_pool(x, torch.ones(8), torch.zeros(8), x, 1e-5, 3, 4, 2, 2)
+    dwconv.cabs_dwconv_block(
         x, 3, 4, torch.ones(8), torch.zeros(8), torch.randn(8, 1, 3, 3), torch.ones(8), torch.zeros(8), 1e-5
     )
 
@@ -79,14 +80,14 @@ def test_auto_takes_the_reference_on_cpu(monkeypatch):
 def test_triton_backend_without_triton_says_so(monkeypatch):
     monkeypatch.setattr(common, "HAS_TRITON", False)
     with pytest.raises(RuntimeError, match="Triton is not installed"):
-        common.use_triton("triton", cabstractor.adaptive_avg_pool_canned_case, torch.zeros(1))
+        common.use_triton("triton", adaptive_pool.adaptive_avg_pool_canned_case, torch.zeros(1))
 
 
 @needs_triton
 def test_triton_backend_on_cpu_without_interpreter_says_so(monkeypatch):
     monkeypatch.setattr(common, "KERNELS_INTERPRETED", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        common.use_triton("triton", cabstractor.adaptive_avg_pool_canned_case, torch.zeros(1))
+        common.use_triton("triton", adaptive_pool.adaptive_avg_pool_canned_case, torch.zeros(1))
 
 
 @needs_triton
@@ -94,7 +95,7 @@ def test_triton_backend_on_cpu_without_interpreter_in_a_fresh_process():
     """The real case: TRITON_INTERPRET unset when the kernels are imported, no GPU."""
     code = (
         "import torch\n"
-        "from honeybee_hf.kernels_cabstractor import adaptive_avg_pool\n"
+        "from honeybee_hf.kernels_cabs_adaptive_pool import adaptive_avg_pool\n"
         "try:\n"
         "    adaptive_avg_pool(torch.zeros(1, 4, 2), 2, 2, 1, 1, backend='triton')\n"
         "except RuntimeError as e:\n"
@@ -120,10 +121,10 @@ def test_triton_backend_matches_torch_backend():
     weight, bias = torch.rand(8, device=DEVICE) + 0.5, torch.randn(8, device=DEVICE)
     dw = torch.randn(8, 1, 3, 3, device=DEVICE)
     calls = [
-        lambda backend: cabstractor.adaptive_avg_pool(x, 3, 4, 2, 3, backend=backend),
-        lambda backend: cabstractor.ln_residual_silu(x, weight, bias, r, 1e-5, backend=backend),
-        lambda backend: cabstractor.ln_residual_silu_pool(x, weight, bias, r, 1e-5, 3, 4, 2, 3, backend=backend),
-        lambda backend: cabstractor.cabs_dwconv_block(x, 3, 4, weight, bias, dw, weight, bias, 1e-5, backend=backend),
+        lambda backend: adaptive_pool.adaptive_avg_pool(x, 3, 4, 2, 3, backend=backend),
+        lambda backend: ln_residual.ln_residual_silu(x, weight, bias, r, 1e-5, backend=backend),
+        lambda backend: ln_residual.ln_residual_silu_pool(x, weight, bias, r, 1e-5, 3, 4, 2, 3, backend=backend),
+        lambda backend: dwconv.cabs_dwconv_block(x, 3, 4, weight, bias, dw, weight, bias, 1e-5, backend=backend),
     ]
     for call in calls:
         torch.testing.assert_close(call("triton"), call("torch"), rtol=1e-5, atol=1e-5)
@@ -152,7 +153,12 @@ def projector_and_features(projector_type):
 
 @pytest.mark.parametrize("projector_type", ["c-abs", "d-abs"])
 def test_set_kernel_backend_switches_every_fused_op_at_once(monkeypatch, projector_type):
-    for module in (msda_module, cabstractor):  # the kernels are counted, not run: no Triton needed
+    for module in (
+        msda_module,
+        dwconv,
+        ln_residual,
+        adaptive_pool,
+    ):  # the kernels are counted, not run: no Triton needed
         monkeypatch.setattr(module, "use_triton", lambda backend, *tensors: backend == "triton")
     calls = count_kernel_calls(monkeypatch)
     model, features, expected_calls = projector_and_features(projector_type)
@@ -171,7 +177,7 @@ def test_set_kernel_backend_switches_every_fused_op_at_once(monkeypatch, project
 
 def test_set_kernel_backend_reaches_the_abstractor_copy_peft_trains(monkeypatch):
     peft = pytest.importorskip("peft")
-    for module in (msda_module, cabstractor):
+    for module in (msda_module, dwconv, ln_residual, adaptive_pool):
         monkeypatch.setattr(module, "use_triton", lambda backend, *tensors: backend == "triton")
     calls = count_kernel_calls(monkeypatch)
     model, features, expected_calls = projector_and_features("c-abs")
@@ -183,17 +189,12 @@ def test_set_kernel_backend_reaches_the_abstractor_copy_peft_trains(monkeypatch)
     assert len(calls) == expected_calls
 
 
-def test_kernel_backend_is_never_saved_and_old_configs_load(tmp_path):
+def test_kernel_backend_is_never_saved(tmp_path):
     model = tiny_model(tiny_config("d-abs"))
     model.set_kernel_backend("torch")
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert "kernel_backend" not in saved["projector_config"] and "kernel_backend" not in saved
-    # a folder written before the backend became runtime state: its "triton" must not force Triton on the loader
-    saved["projector_config"]["kernel_backend"] = "triton"
-    old = HoneybeeProjectorConfig(**saved["projector_config"])
-    assert old.kernel_backend == "auto" and "kernel_backend" not in old.to_dict()
-    assert HoneybeeProjectorConfig(kernel_backend="auto").kernel_backend == "auto"
 
 
 def test_from_pretrained_keyword_sets_the_backend(tmp_path):
@@ -210,7 +211,13 @@ def test_hub_code_files_are_flat_modules_that_guard_triton():
     """transformers' remote-code loader maps `from .x import` to a file x.py next to the model, and refuses to
     load when an unguarded import is missing (CI's transformers 4 environment has no triton). The Hub writer's
     list holds every module the entry files import."""
-    assert {"kernels_common.py", "kernels_msda.py", "kernels_cabstractor.py"} <= set(CODE_FILES)
+    assert {
+        "kernels_common.py",
+        "kernels_msda.py",
+        "kernels_cabs_dwconv_block.py",
+        "kernels_cabs_ln_residual_silu.py",
+        "kernels_cabs_adaptive_pool.py",
+    } <= set(CODE_FILES)
     for name in CODE_FILES:
         for module in get_relative_imports(REPO / name):
             assert f"{module}.py" in CODE_FILES, f"{name} imports .{module}, which is no flat file of the Hub folder"
@@ -246,14 +253,9 @@ def test_identical_kernel_files_share_their_ops(tmp_path):
 
 
 def opcheck_cases():
-    from honeybee_hf.kernels_cabstractor import (
-        adaptive_avg_pool_backward_op,
-        adaptive_avg_pool_op,
-        cabs_dwconv_block_backward_op,
-        cabs_dwconv_block_op,
-        ln_residual_silu_pool_backward_op,
-        ln_residual_silu_pool_op,
-    )
+    from honeybee_hf.kernels_cabs_adaptive_pool import adaptive_avg_pool_backward_op, adaptive_avg_pool_op
+    from honeybee_hf.kernels_cabs_dwconv_block import cabs_dwconv_block_backward_op, cabs_dwconv_block_op
+    from honeybee_hf.kernels_cabs_ln_residual_silu import ln_residual_silu_pool_backward_op, ln_residual_silu_pool_op
     from honeybee_hf.kernels_msda import msda_backward_op, msda_op
 
     g = torch.Generator().manual_seed(0)
@@ -331,18 +333,18 @@ class TinyProjector(torch.nn.Module):
     def forward(self, x):  # (B, h*w, C)
         B, N, C = x.shape
         n1w, n1b, n2w, n2b, n3w, n3b, n4w, n4b = self.norms
-        t, se = cabstractor.cabs_dwconv_block(
+        t, se = dwconv.cabs_dwconv_block(
             self.conv1(x), self.h, self.w, n1w, n1b, self.dw, n2w, n2b, 1e-5, backend=self.backend
         )
         t = self.conv3(t * torch.sigmoid(se)[:, None, :].to(t.dtype))
-        pooled = cabstractor.ln_residual_silu_pool(
+        pooled = ln_residual.ln_residual_silu_pool(
             t, n3w, n3b, x, 1e-5, self.h, self.w, self.out, self.out, backend=self.backend
         )
-        query = cabstractor.ln_residual_silu(
+        query = ln_residual.ln_residual_silu(
             pooled,
             n4w,
             n4b,
-            cabstractor.adaptive_avg_pool(x, self.h, self.w, self.out, self.out, backend=self.backend),
+            adaptive_pool.adaptive_avg_pool(x, self.h, self.w, self.out, self.out, backend=self.backend),
             1e-5,
             backend=self.backend,
         )

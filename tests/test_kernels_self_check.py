@@ -14,7 +14,7 @@ import torch
 import transformers
 from PIL import Image
 
-import honeybee_hf.kernels_cabstractor as cabstractor
+import honeybee_hf.kernels_cabs_adaptive_pool as adaptive_pool
 import honeybee_hf.kernels_common as common
 import honeybee_hf.kernels_msda as msda_module
 from conftest import REPO
@@ -68,7 +68,7 @@ def test_auto_checks_each_kernel_once_then_runs_it(monkeypatch):
     assert len(msda_calls) == 1 + 2 * layers  # one check (in no_grad: it runs the backward too), then every layer
     assert common._KERNEL_VERDICTS == {
         (msda_module.msda_canned_case, torch.device("cpu"), torch.float32): True,
-        (cabstractor.adaptive_avg_pool_canned_case, torch.device("cpu"), torch.float32): True,
+        (adaptive_pool.adaptive_avg_pool_canned_case, torch.device("cpu"), torch.float32): True,
     }
     for out in got:
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
@@ -108,14 +108,14 @@ def test_auto_falls_back_from_a_wrong_kernel_with_one_warning(tiny_folder, monke
 
 def test_auto_falls_back_from_a_kernel_that_fails_to_launch_and_triton_raises(monkeypatch):
     offer_cpu_to_auto(monkeypatch)
-    monkeypatch.setattr(cabstractor, "adaptive_avg_pool_triton", pool_that_fails_to_launch)
+    monkeypatch.setattr(adaptive_pool, "adaptive_avg_pool_triton", pool_that_fails_to_launch)
     x = torch.randn(2, 12, 8)
-    expected = cabstractor.adaptive_avg_pool_reference(x, 3, 4, 2, 2)
+    expected = adaptive_pool.adaptive_avg_pool_reference(x, 3, 4, 2, 2)
     with pytest.warns(RuntimeWarning, match=r"pool_that_fails_to_launch failed its start-up check on cpu in torch\.fl"):
-        assert torch.equal(cabstractor.adaptive_avg_pool(x, 3, 4, 2, 2), expected)
-    assert common._KERNEL_VERDICTS == {(cabstractor.adaptive_avg_pool_canned_case, x.device, x.dtype): False}
+        assert torch.equal(adaptive_pool.adaptive_avg_pool(x, 3, 4, 2, 2), expected)
+    assert common._KERNEL_VERDICTS == {(adaptive_pool.adaptive_avg_pool_canned_case, x.device, x.dtype): False}
     with pytest.raises(Exception, match="power of 2"):
-        cabstractor.adaptive_avg_pool(x, 3, 4, 2, 2, backend="triton")
+        adaptive_pool.adaptive_avg_pool(x, 3, 4, 2, 2, backend="triton")
 
 
 def test_auto_checks_while_torch_compile_traces_fullgraph(monkeypatch):
@@ -123,7 +123,7 @@ def test_auto_checks_while_torch_compile_traces_fullgraph(monkeypatch):
     so fullgraph=True holds. Here the pool fails to launch (the compiled graph takes its reference) and msda passes
     (the compiled graph runs its kernel)."""
     offer_cpu_to_auto(monkeypatch)
-    monkeypatch.setattr(cabstractor, "adaptive_avg_pool_triton", pool_that_fails_to_launch)
+    monkeypatch.setattr(adaptive_pool, "adaptive_avg_pool_triton", pool_that_fails_to_launch)
     model = tiny_model(tiny_config("d-abs"), seed=2).eval()
     features = projector_features(model)
     compiled = torch.compile(model.abstractor, backend="aot_eager", fullgraph=True)
@@ -134,6 +134,6 @@ def test_auto_checks_while_torch_compile_traces_fullgraph(monkeypatch):
         expected = model.abstractor(features)
     assert common._KERNEL_VERDICTS == {
         (msda_module.msda_canned_case, torch.device("cpu"), torch.float32): True,
-        (cabstractor.adaptive_avg_pool_canned_case, torch.device("cpu"), torch.float32): False,
+        (adaptive_pool.adaptive_avg_pool_canned_case, torch.device("cpu"), torch.float32): False,
     }
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -11,10 +11,9 @@ import torch.nn.functional as F
 import transformers
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from conftest import photo
+from conftest import TF4, photo
 from honeybee_hf.export.tiny import tiny_config, tiny_model, tiny_processor
 
-TF4 = transformers.__version__.startswith("4.")
 PROJECTORS = ["c-abs", "d-abs"]
 TWO_IMAGES = "A chat.\nHuman: <image>\nHuman: <image>\nHuman: What differs?\nAI: "
 
@@ -99,6 +98,7 @@ def test_inputs_embeds_give_what_input_ids_give(projector_type):
 @pytest.mark.parametrize("projector_type", PROJECTORS)
 def test_generate_from_inputs_embeds_equals_generate_from_input_ids(projector_type):
     model, processor = build(projector_type, seed=2)
+    model.generation_config.suppress_tokens = [model.config.image_token_id]  # as a saved folder's generation config
     batch = mixed_batch(processor)
     prompt_length = batch["input_ids"].shape[1]
     from_ids = model.generate(**batch, max_new_tokens=5, do_sample=False)[:, prompt_length:]
@@ -127,22 +127,57 @@ def test_generate_from_inputs_embeds_equals_generate_from_input_ids(projector_ty
 @pytest.mark.parametrize("projector_type", PROJECTORS)
 def test_get_image_features_output_contract(projector_type):
     model, processor = build(projector_type, seed=3)
+    model.set_attn_implementation("eager")  # attention weights come from eager attention only
     config = model.config
     pixel_values = processor(images=[photo(0), photo(1)], text=TWO_IMAGES, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        out = model.get_image_features(pixel_values, return_dict=True, output_hidden_states=True)
+        out = model.get_image_features(
+            pixel_values, return_dict=True, output_hidden_states=True, output_attentions=True
+        )
+        plain = model.get_image_features(pixel_values, return_dict=True)
         tensor = model.get_image_features(pixel_values, return_dict=False)
         default = model.get_image_features(pixel_values)
         forward = model(**processor(images=[photo(0), photo(1)], text=TWO_IMAGES, return_tensors="pt"))
+        tower = model.model.vision_tower(pixel_values, output_attentions=True)  # the tower on its own
     assert isinstance(out, BaseModelOutputWithPooling)  # transformers 5's generic code reads .pooler_output
     assert out.pooler_output.shape == (2, config.num_visual_tokens, config.text_config.hidden_size)
-    assert out.last_hidden_state.shape == (2, config.vision_grid**2, config.vision_config.hidden_size)
-    assert len(out.hidden_states) == config.vision_config.num_hidden_layers + 1
-    torch.testing.assert_close(out.last_hidden_state, out.hidden_states[-1][:, 1:], rtol=0, atol=0)
+    # as LLaVA's: the tower's own last hidden state (CLS included, vision width), hidden states and attentions
+    tokens = config.vision_grid**2 + 1
+    assert out.last_hidden_state.shape == (2, tokens, config.vision_config.hidden_size)
+    torch.testing.assert_close(out.last_hidden_state, tower.last_hidden_state, rtol=0, atol=0)
+    assert len(out.hidden_states) == len(out.attentions) + 1 == config.vision_config.num_hidden_layers + 1
+    for got, want in zip(out.hidden_states + out.attentions, tower.hidden_states + tower.attentions, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert out.attentions[0].shape == (2, config.vision_config.num_attention_heads, tokens, tokens)
+    assert plain.hidden_states is None and plain.attentions is None  # only when asked
     torch.testing.assert_close(tensor, out.pooler_output, rtol=0, atol=0)
     torch.testing.assert_close(forward.image_hidden_states, tensor, rtol=0, atol=0)
     # the default follows the library's LLaVA on each version: an output object on 5.x, the features on 4.x
     assert isinstance(default, torch.Tensor) if TF4 else isinstance(default, BaseModelOutputWithPooling)
+
+
+def test_vision_tower_is_a_pretrained_model_that_attention_dispatch_sees():
+    """The tower's own flags decide its attention, as CLIP's do inside LLaVA: a composite sdpa load runs sdpa in
+    the tower, the projector and the LLM alike, and an eager load eager everywhere."""
+    model, _ = build("d-abs")
+    tower = model.model.vision_tower
+    assert isinstance(tower, transformers.PreTrainedModel) and tower.config is model.config.vision_config
+    assert tower._supports_sdpa and tower._supports_flash_attn_2 and tower.main_input_name == "pixel_values"
+    configs = [model.config.vision_config, model.config.projector_config, model.config.text_config]
+    for implementation in ("eager", "sdpa"):
+        model.set_attn_implementation(implementation)
+        assert [c._attn_implementation for c in configs] == [implementation] * 3
+
+
+def test_tensor_parallel_plan_shards_the_head_as_the_library_does():
+    from transformers import LlamaForCausalLM
+
+    model, _ = build("c-abs")
+    # the running version's own Llama is the reference for the head's style ("colwise_rep" on 4.57)
+    assert type(model)._tp_plan["lm_head"] == LlamaForCausalLM._tp_plan["lm_head"]
+    if not TF4:  # 5.x gathers the whole model's plan on the instance, the language model's layers included
+        assert model._tp_plan["lm_head"] == "colwise_gather_output"
+        assert any(key.startswith("model.language_model.layers.") for key in model._tp_plan)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -249,8 +284,12 @@ def test_beam_search_copies_see_their_own_images(projector_type):
         start = sample["input_ids"].shape[1]
         new = sequence[0, start:]
         expected = log_probs[0, start - 1 : -1].gather(-1, new[:, None])[:, 0]
-        finite = torch.isfinite(scores[row])
-        torch.testing.assert_close(scores[row][finite], expected[finite], atol=1e-4, rtol=1e-4, msg=f"row {row}")
+        # up to the first eos: after it a finished beam is padded, with score 0 (4.57) or -inf (5.x)
+        ended = (new == model.config.text_config.eos_token_id).cumsum(0)
+        scored = (ended == 0) | ((ended == 1) & (new == model.config.text_config.eos_token_id))
+        assert scored[0]
+        got, want = scores[row][scored], expected[scored]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=f"row {row}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -4,15 +4,19 @@ import pytest
 import transformers
 from PIL import Image
 
-from conftest import REPO
-
-PHOTOS = sorted((REPO / "assets" / "images").glob("*.jpeg"))
+from conftest import PHOTOS
 
 
 def direct_answer(model, processor, image, text, max_new_tokens):
     inputs = processor(images=image, text=text, return_tensors="pt")
     new = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[:, inputs["input_ids"].shape[1] :]
     return processor.batch_decode(new, skip_special_tokens=True)[0]
+
+
+def pipeline_text(expected):
+    """What the library's image-text-to-text pipeline may return for an answer decoded alone: it cuts the prompt off
+    the decoded whole sequence, so it keeps the space that a first answer piece starting with "▁" stands for."""
+    return {expected, " " + expected}
 
 
 @pytest.mark.parametrize("projector_type", ["c-abs", "d-abs"])
@@ -37,9 +41,10 @@ def test_image_text_to_text_with_text_and_with_chat_messages(tiny_folder):
     image = Image.open(PHOTOS[1])
     expected = direct_answer(model, processor, image, "What is this?", 6)
     out = pipe(images=image, text="What is this?", max_new_tokens=6, return_full_text=False)
-    assert out[0]["generated_text"] == expected
+    assert out[0]["generated_text"] in pipeline_text(expected)
     messages = [
         {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is this?"}]}
     ]
     chat = pipe(text=messages, max_new_tokens=6)
-    assert chat[0]["generated_text"][-1] == {"role": "assistant", "content": expected}
+    assert chat[0]["generated_text"][-1]["role"] == "assistant"
+    assert chat[0]["generated_text"][-1]["content"] in pipeline_text(expected)

@@ -40,10 +40,34 @@ MEAN, STD = np.array(OPENAI_CLIP_MEAN, np.float32), np.array(OPENAI_CLIP_STD, np
 
 # Strings where a re-implementation of sentencepiece's legacy front end usually slips.
 TRICKY = [
-    "hello world", " leading space", "  two leading spaces", "double  space", "trailing space ", "trailing  ",
-    " ", "   ", "", "a\nb", "\n", "\n\nHuman: x", "line\n\n", "tab\tsep", "\r\n", "café naïve ÀÉÎõü",
-    "emoji 🐝 bee 🍯", "中文字", "zero\u200bwidth", "12345 678.90", "3.14159", "2024-01-01", "!?.,;:'\"()[]{}",
-    "x<y>z", "$100 & 50% #1 @a", "▁already", "CamelCaseWord", "What is in the image?",
+    "hello world",
+    " leading space",
+    "  two leading spaces",
+    "double  space",
+    "trailing space ",
+    "trailing  ",
+    " ",
+    "   ",
+    "",
+    "a\nb",
+    "\n",
+    "\n\nHuman: x",
+    "line\n\n",
+    "tab\tsep",
+    "\r\n",
+    "café naïve ÀÉÎõü",
+    "emoji 🐝 bee 🍯",
+    "中文字",
+    "zero\u200bwidth",
+    "12345 678.90",
+    "3.14159",
+    "2024-01-01",
+    "!?.,;:'\"()[]{}",
+    "x<y>z",
+    "$100 & 50% #1 @a",
+    "▁already",
+    "CamelCaseWord",
+    "What is in the image?",
 ]
 SPECIAL_IN_TEXT = ["<s> not special", "</s>", "a</s>b", "<unk>", "x <s>y"]
 
@@ -149,7 +173,8 @@ def test_batches_match_official(processor, toy, batch):
 
 
 def test_final_answer_eos_follows_official_no_eos(processor, toy):
-    """Official inference (no_eos=True) drops only a final `</s>`; training labels keep it; inner answers keep theirs."""
+    """Official inference (no_eos=True) drops only a final `</s>`; training labels keep it; inner answers keep
+    theirs."""
     meta, tensors = toy
     eos = processor.tokenizer.eos_token_id
     answered = meta["cases"][2]["prompt"]  # ends with "\nAI: A dog lying on the floor."
@@ -185,7 +210,7 @@ def test_encode_prompt_matches_sentencepiece_reference(processor, spm):
         ]:
             ids, mask = processor.encode_prompt(prompt)
             if prompt.startswith("[NO_PROMPT]"):  # <s> <image> caption </s>, loss on caption and </s>
-                caption = spm.encode(prompt[len("[NO_PROMPT] <image> "):])
+                caption = spm.encode(prompt[len("[NO_PROMPT] <image> ") :])
                 expected = [1] + [image_id] * 5 + caption + [2], [0] * 6 + [1] * (len(caption) + 1)
             else:
                 expected = official_encode(spm, prompt, processor.num_visual_tokens, image_id)
@@ -216,7 +241,9 @@ def test_tokenizer_matches_slow_legacy_llama_tokenizer(processor):
 def test_image_preprocessing_matches_official(processor):
     meta, tensors = fixture("image_preprocess_224")
     size = meta["image_size"]
-    big = HoneybeeProcessor(honeybee_image_processor(size), processor.tokenizer, num_query_tokens=NUM_QUERY, num_eos_tokens=NUM_EOS)
+    big = HoneybeeProcessor(
+        honeybee_image_processor(size), processor.tokenizer, num_query_tokens=NUM_QUERY, num_eos_tokens=NUM_EOS
+    )
     array = tensors["image_uint8_hwc"].numpy()
     expected = tensors["pixel_values"]
     for image in [Image.fromarray(array), array, torch.from_numpy(array)]:
@@ -327,12 +354,14 @@ def test_images_are_paired_with_texts_in_order(processor):
     assert [(row == image_id).sum().item() for row in out["input_ids"]] == [per_image, 2 * per_image, 0, per_image]
     assert all(torch.equal(out["pixel_values"][i], alone[i]) for i in range(4))
 
-    nested = processor(text=["first", "second", "third"], images=[[imgs[0]], [imgs[1], imgs[2]], []], return_tensors="pt")
+    nested = processor(
+        text=["first", "second", "third"], images=[[imgs[0]], [imgs[1], imgs[2]], []], return_tensors="pt"
+    )
     assert [(row == image_id).sum().item() for row in nested["input_ids"]] == [per_image, 2 * per_image, 0]
     assert nested["pixel_values"].shape[0] == 3
     assert all(torch.equal(nested["pixel_values"][i], alone[i]) for i in range(3))
     third = processor.encode_prompt(f"{SYSTEM_PROMPT}{HUMAN}third{AI}")[0]  # no images: wrapped without <image>
-    assert nested["input_ids"][2, -len(third):].tolist() == third
+    assert nested["input_ids"][2, -len(third) :].tolist() == third
 
     flat = processor(text=["first", "second"], images=[imgs[0], imgs[1]], return_tensors="pt")  # one image per text
     assert [(row == image_id).sum().item() for row in flat["input_ids"]] == [per_image, per_image]
@@ -459,7 +488,9 @@ def test_32_bit_modes_raise(processor, mode):
 
 
 def test_one_pixel_image(processor):
-    pixels = processor(text="What?", images=[Image.new("RGB", (1, 1), (200, 100, 50))], return_tensors="pt")["pixel_values"]
+    pixels = processor(text="What?", images=[Image.new("RGB", (1, 1), (200, 100, 50))], return_tensors="pt")[
+        "pixel_values"
+    ]
     assert pixels.shape == (1, 3, 32, 32) and torch.isfinite(pixels).all()
     expected = (np.array([200, 100, 50], np.float32) / 255 - MEAN) / STD
     assert torch.allclose(pixels[0], torch.from_numpy(expected)[:, None, None].expand(3, 32, 32), atol=1e-5)
@@ -472,7 +503,11 @@ def test_unreadable_files_raise_value_error(processor, tmp_path):
     photo(0, (64, 64)).save(buffer, "JPEG")
     truncated = buffer.getvalue()[: len(buffer.getvalue()) // 2]
     (tmp_path / "truncated.jpg").write_bytes(truncated)
-    for source, name in [(corrupt, "corrupt.png"), (str(tmp_path / "truncated.jpg"), "truncated.jpg"), (truncated, "<bytes>")]:
+    for source, name in [
+        (corrupt, "corrupt.png"),
+        (str(tmp_path / "truncated.jpg"), "truncated.jpg"),
+        (truncated, "<bytes>"),
+    ]:
         with pytest.raises(ValueError, match=f"cannot read image .*{re.escape(name)}.*valid JPEG/PNG/WebP"):
             processor(text="What?", images=[source])
     with pytest.raises(ValueError, match="missing.png does not exist"):
@@ -540,7 +575,7 @@ def test_official_none_image_style_and_missing_files():
     batch = processor(text=["Say hello.", "What is it?"], images=[None, image], return_tensors="pt")
     alone = processor(text="What is it?", images=image, return_tensors="pt")
     assert batch["pixel_values"].shape[0] == 1
-    assert batch["input_ids"][1, -alone["input_ids"].shape[1]:].tolist() == alone["input_ids"][0].tolist()
+    assert batch["input_ids"][1, -alone["input_ids"].shape[1] :].tolist() == alone["input_ids"][0].tolist()
     with pytest.raises(ValueError, match="does not exist"):
         processor(text="What is it?", images=str(REPO_ROOT / "no_such_photo.jpeg"))
 
@@ -564,9 +599,18 @@ def hub_folder(tmp_path, processor, stem):
 
 # The tokenizer_config.json written before tokenizer_class became PreTrainedTokenizerFast (published folders have it).
 PREVIOUS_TOKENIZER_CONFIG = {
-    "tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-    "pad_token": "<unk>", "additional_special_tokens": ["<image>"], "add_bos_token": True, "add_eos_token": False,
-    "legacy": True, "padding_side": "left", "clean_up_tokenization_spaces": False, "model_max_length": 4096,
+    "tokenizer_class": "LlamaTokenizerFast",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "pad_token": "<unk>",
+    "additional_special_tokens": ["<image>"],
+    "add_bos_token": True,
+    "add_eos_token": False,
+    "legacy": True,
+    "padding_side": "left",
+    "clean_up_tokenization_spaces": False,
+    "model_max_length": 4096,
     "processor_class": "HoneybeeProcessor",
 }
 
@@ -585,8 +629,10 @@ def test_tokenizer_files_load_as_written(processor, spm, tmp_path):
 
 def test_folders_in_the_previous_tokenizer_format_keep_loading(processor, spm, tmp_path):
     folder = hub_folder(tmp_path, processor, "hb_previous_format")
-    config = dict(PREVIOUS_TOKENIZER_CONFIG, added_tokens_decoder=json.loads(
-        (folder / "tokenizer_config.json").read_text())["added_tokens_decoder"])
+    config = dict(
+        PREVIOUS_TOKENIZER_CONFIG,
+        added_tokens_decoder=json.loads((folder / "tokenizer_config.json").read_text())["added_tokens_decoder"],
+    )
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     loaded = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     for text in TRICKY:
@@ -783,8 +829,11 @@ def test_assistant_mask_is_the_official_label_rule(processor, toy, spm):
     assert out["assistant_masks"][0] == official_labels(tensors, 2)
 
     turns = [("Is there a cat?", "No"), ("Explain why  this meme is funny.", " Because the cat is a dog. ")]
-    messages = [m for q, a in turns for m in (user({"type": "text", "text": q}), {
-        "role": "assistant", "content": [{"type": "text", "text": a}]})]
+    messages = [
+        m
+        for q, a in turns
+        for m in (user({"type": "text", "text": q}), {"role": "assistant", "content": [{"type": "text", "text": a}]})
+    ]
     out = processor.apply_chat_template(
         messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
     )
@@ -814,8 +863,11 @@ def llava_record_to_messages(record, system_prompt=SYSTEM_PROMPT):
     """The test's own reading of a LLaVA record as chat messages: each `<image>` of a human turn is an image item
     ahead of that turn's remaining text; images without any `<image>` go to the first human turn."""
     if "caption" in record:
-        return [{"role": "system", "content": [{"type": "text", "text": "[NO_PROMPT]"}]}, user({"type": "image"}),
-                {"role": "assistant", "content": [{"type": "text", "text": record["caption"]}]}]
+        return [
+            {"role": "system", "content": [{"type": "text", "text": "[NO_PROMPT]"}]},
+            user({"type": "image"}),
+            {"role": "assistant", "content": [{"type": "text", "text": record["caption"]}]},
+        ]
     turns = list(record["conversations"])
     if turns[0]["from"] == "system":
         system_prompt = turns.pop(0)["value"]
@@ -840,14 +892,30 @@ def test_training_data_and_chat_template_agree(processor, tmp_path):
     from honeybee_hf.train.data import HoneybeeConversationDataset
 
     records = [
-        {"image": ["ca.jpeg", "titanic.jpeg"], "conversations": [  # multi-turn, an image per turn
-            {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A map."},
-            {"from": "human", "value": "And this one?\n<image>"}, {"from": "gpt", "value": " A  ship. "}]},
-        {"image": ["ca.jpeg", "laundry.jpeg"], "conversations": [  # two images in one turn
-            {"from": "human", "value": "<image><image>\nCompare them."}, {"from": "gpt", "value": "Different."}]},
-        {"image": "mug_ad.jpeg", "conversations": [  # a system turn; the image has no <image> placeholder
-            {"from": "system", "value": "Be brief."}, {"from": "human", "value": "What?"},
-            {"from": "gpt", "value": "A mug."}]},
+        {
+            "image": ["ca.jpeg", "titanic.jpeg"],
+            "conversations": [  # multi-turn, an image per turn
+                {"from": "human", "value": "<image>\nWhat is it?"},
+                {"from": "gpt", "value": "A map."},
+                {"from": "human", "value": "And this one?\n<image>"},
+                {"from": "gpt", "value": " A  ship. "},
+            ],
+        },
+        {
+            "image": ["ca.jpeg", "laundry.jpeg"],
+            "conversations": [  # two images in one turn
+                {"from": "human", "value": "<image><image>\nCompare them."},
+                {"from": "gpt", "value": "Different."},
+            ],
+        },
+        {
+            "image": "mug_ad.jpeg",
+            "conversations": [  # a system turn; the image has no <image> placeholder
+                {"from": "system", "value": "Be brief."},
+                {"from": "human", "value": "What?"},
+                {"from": "gpt", "value": "A mug."},
+            ],
+        },
         {"conversations": [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "Hello."}]},
         {"image": "titanic.jpeg", "caption": "Two people on a ship."},  # the pre-training caption format
     ]
@@ -862,8 +930,14 @@ def test_training_data_and_chat_template_agree(processor, tmp_path):
         count = sum(item["type"] == "image" for item in items)
         images = [photo(k) for k in range(count)]
         with_images = [  # the images themselves, in order, as the chat format carries them
-            {**m, "content": [dict(item, image=images.pop(0)) if item["type"] == "image" else item
-                              for item in m["content"]]} if isinstance(m["content"], list) else m
+            {
+                **m,
+                "content": [
+                    dict(item, image=images.pop(0)) if item["type"] == "image" else item for item in m["content"]
+                ],
+            }
+            if isinstance(m["content"], list)
+            else m
             for m in messages
         ]
         out = processor.apply_chat_template(
@@ -886,8 +960,13 @@ def test_vllm_processor_contract(processor):
 
     text = "<image><image>"  # vLLM's dummy text: one placeholder per image
     out = processor(
-        text=text, images=[photo(0), photo(1)], return_text_replacement_offsets=True, return_mm_token_type_ids=True,
-        return_tensors="pt", add_special_tokens=False, truncation=False,
+        text=text,
+        images=[photo(0), photo(1)],
+        return_text_replacement_offsets=True,
+        return_mm_token_type_ids=True,
+        return_tensors="pt",
+        add_special_tokens=False,
+        truncation=False,
     )
     assert out["pixel_values"].shape[0] == 2
     (entries,) = out["text_replacement_offsets"]
@@ -895,7 +974,7 @@ def test_vllm_processor_contract(processor):
     expanded = "".join(e["replacement"] for e in entries)
     for e in entries:
         assert plain_ids(processor.tokenizer, e["replacement"]) == [image_id] * n
-        assert expanded[e["new_span"][0]:e["new_span"][1]] == e["replacement"]
+        assert expanded[e["new_span"][0] : e["new_span"][1]] == e["replacement"]
     assert out["input_ids"][0].tolist() == [image_id] * 2 * n
     assert out["mm_token_type_ids"][0].tolist() == [1] * 2 * n
 
@@ -912,8 +991,10 @@ def test_offsets_index_the_prompt_or_the_expanded_prompt(processor):
     )
     (entry,) = expanded["text_replacement_offsets"][0]
     wide = prompt.replace("<image>", entry["replacement"])
-    for ids, offsets, text in [(plain["input_ids"][0], plain["offset_mapping"][0], prompt),
-                               (expanded["input_ids"][0], expanded["offset_mapping"][0], wide)]:
+    for ids, offsets, text in [
+        (plain["input_ids"][0], plain["offset_mapping"][0], prompt),
+        (expanded["input_ids"][0], expanded["offset_mapping"][0], wide),
+    ]:
         pieces = [text[s:e] for s, e in offsets]
         assert pieces[0] == "<s>" and pieces[-1] == "</s>" and "".join(pieces[-4:-1]).strip() == "A dog."
         image_pieces = [p for i, p in zip(ids, pieces) if i == processor.image_token_id]

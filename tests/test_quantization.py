@@ -8,9 +8,8 @@ import transformers
 from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from conftest import photo
+from conftest import TF4, photo
 
-TF4 = transformers.__version__.startswith("4.")
 # bitsandbytes' CPU 4-bit kernels need input widths that are multiples of 64 and output widths of 32: a tiny LLM
 # that wide (4 heads of 16, 2 key/value heads).
 WIDE_TEXT = dict(hidden_size=64, intermediate_size=128, head_dim=16)

@@ -4,15 +4,13 @@ dataset (`messages` + `images`), with the loss on the assistant turns only, and 
 
 import pytest
 import torch
-import transformers
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from conftest import photo
+from conftest import TF4, photo
 
 pytest.importorskip("trl", reason="TRL is not installed (scripts/setup_envs.sh installs it)")
 datasets = pytest.importorskip("datasets", reason="datasets is not installed (TRL needs it)")
 
-TF4 = transformers.__version__.startswith("4.")
 QA = [
     ("What is in the image?", "A man in a suit."),
     ("What colour is the car?", "Red and shiny."),

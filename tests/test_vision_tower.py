@@ -49,13 +49,15 @@ def test_matches_transformers_clip(weights, attn_implementation):
 
     pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        hidden_states = reference(pixel_values, output_hidden_states=True).hidden_states  # embeddings + 3 layers
-        for k in (-1, -2, 0):
-            got, _ = ours(pixel_values, feature_layer_index=k)
-            want = hidden_states[k][:, 1:]
-            assert got.shape == (2, 16, 32)
-            assert (got - want).abs().max().item() <= ATOL, k
-        _, every = ours(pixel_values, feature_layer_index=0, output_hidden_states=True)
-        assert len(every) == len(hidden_states)
-        for got, want in zip(every, hidden_states):
-            assert (got - want).abs().max().item() <= ATOL
+        want = reference(pixel_values, output_hidden_states=True, output_attentions=attn_implementation == "eager")
+        got = ours(pixel_values, output_attentions=True)
+        assert len(got.hidden_states) == len(want.hidden_states)  # embeddings + 3 layers, CLS included
+        for mine, theirs in zip(got.hidden_states, want.hidden_states):
+            assert (mine - theirs).abs().max().item() <= ATOL
+        assert (got.last_hidden_state - want.last_hidden_state).abs().max().item() <= ATOL
+        if attn_implementation == "eager":  # sdpa gives no weights, in CLIP as in ours
+            for mine, theirs in zip(got.attentions, want.attentions, strict=True):
+                assert (mine - theirs).abs().max().item() <= ATOL
+        first_two = ours(pixel_values, num_layers=2).hidden_states  # the layers after those are not run
+        assert len(first_two) == 3
+        assert (first_two[-1] - want.hidden_states[2]).abs().max().item() <= ATOL

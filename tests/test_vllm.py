@@ -34,10 +34,10 @@ vllm = pytest.importorskip(
 from PIL import Image  # noqa: E402
 from transformers import AutoTokenizer, GenerationConfig  # noqa: E402
 
+from conftest import PHOTOS as IMAGES  # noqa: E402
 from conftest import REPO  # noqa: E402
 from honeybee_hf.export.tiny import VLLM_TEXT, save_tiny_hub_folder  # noqa: E402
 
-IMAGES = sorted((REPO / "assets" / "images").glob("*.jpeg"))
 PROJECTORS = ["c-abs", "d-abs"]
 MAX_TOKENS = 8
 # The batch: (question, indices into IMAGES): one image, two images, no image, another image.
