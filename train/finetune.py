@@ -25,7 +25,6 @@ import dataclasses
 import logging
 import os
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from transformers import (
 from ..export.hub import save_hub_folder
 from ..processing_honeybee import SYSTEM_PROMPT
 from .data import BadSampleError, HoneybeeCollator, HoneybeeConversationDataset
+from .engine import DEEPSPEED, EngineFallbackError, check_engine, configure_cpu_state, has_accelerator, requested_engine
 
 logger = logging.getLogger("honeybee_hf.train")
 
@@ -97,6 +97,9 @@ class FinetuneArguments:
         "auto", "auto: continue from the last complete checkpoint in --output_dir, if any; never; or a checkpoint path."
     )
     merge_to: Optional[str] = _arg(None, "Stage lora: also write base + adapter, merged, as a Hub-ready folder here.")
+    allow_engine_fallback: bool = _arg(
+        False, "Train even when accelerate set up another engine than the launch asks for (FSDP, DeepSpeed, DDP)."
+    )
 
 
 def config_path(name):
@@ -278,11 +281,6 @@ def _rewrite_argv(argv):
     return out
 
 
-def _has_accelerator():
-    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
-    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
-
-
 def _given(argv, name):
     flags = {f"--{name}", f"--{name.replace('_', '-')}"}
     return any(a.partition("=")[0] in flags for a in argv)
@@ -304,9 +302,13 @@ def parse_args(argv):
         "gradient_checkpointing_kwargs": {"use_reentrant": False},
         "activation_checkpointing_kwargs": {"use_reentrant": False},
     }
-    if not _has_accelerator():
+    engine = requested_engine(argv)
+    if configure_cpu_state(engine):
+        defaults["accelerator_config"] = {"use_configured_state": True}
+    if not has_accelerator() and engine != DEEPSPEED:
         # What happens anyway without a GPU, said explicitly: torchrun on CPUs then runs DDP over gloo (accelerate's
-        # MULTI_CPU needs cpu=True), and --bf16 runs with CPU autocast instead of being refused.
+        # MULTI_CPU needs cpu=True), and --bf16 runs with CPU autocast instead of being refused. DeepSpeed's CPU
+        # accelerator must not be told: accelerate drops DeepSpeed under cpu=True.
         defaults["use_cpu"] = True
     parser.set_defaults(**{k: v for k, v in defaults.items() if k in names})
     args, training_args = parser.parse_args_into_dataclasses(args=argv)
@@ -334,18 +336,29 @@ def _trainable_summary(model):
     return f"{trainable:,} trainable parameters of {total:,} ({100 * trainable / max(total, 1):.3f}%)"
 
 
-def save_full_model(trainer, processor, out_dir):
-    """Stages projector/full: the trained model as a Hub-ready folder (gathered first under FSDP/DeepSpeed)."""
+def save_trained(trainer, args, processor, out_dir):
+    """Stage lora: the adapter (+ processor files); stages projector/full: a Hub-ready folder. Under FSDP and
+    DeepSpeed the weights are first gathered onto rank 0, a collective every rank takes part in."""
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    # DeepSpeed gathers through its engine (`model_wrapped`); FSDP2 through the sharded module itself.
+    state_dict = (
+        trainer.accelerator.get_state_dict(trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model)
+        if sharded
+        else None
+    )
+    if not trainer.is_world_process_zero():
+        return
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-        staging = Path(trainer.args.output_dir) / ".gathered-model"
-        trainer.save_model(str(staging))  # collective: every rank takes part
-        if trainer.is_world_process_zero():
-            model = AutoModelForImageTextToText.from_pretrained(staging, trust_remote_code=True, dtype="auto")
-    if trainer.is_world_process_zero():
-        save_hub_folder(model, processor, out_dir, force=True)
-        if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-            shutil.rmtree(Path(trainer.args.output_dir) / ".gathered-model", ignore_errors=True)
+    if args.stage == "lora":
+        model.save_pretrained(out_dir, state_dict=state_dict)  # PEFT keeps the adapter's entries
+        processor.save_pretrained(out_dir)  # version-neutral files (HoneybeeProcessor.save_pretrained)
+        return
+    if sharded:  # the wrapped model holds shards: put the gathered weights into a plain copy
+        model = AutoModelForImageTextToText.from_pretrained(
+            args.model, trust_remote_code=True, dtype=_load_dtype(args, trainer.args)
+        )
+        model.load_state_dict(state_dict)
+    save_hub_folder(model, processor, out_dir, force=True)
 
 
 def merge_adapter(base, adapter, out_dir, dtype="auto", force=False):
@@ -373,6 +386,7 @@ def run(argv=None, callbacks=None):
 
 
 def _run(argv, callbacks):
+    engine = requested_engine(argv)
     args, training_args = parse_args(argv)
     _setup_logging(training_args)
     set_seed(training_args.seed)
@@ -413,6 +427,7 @@ def _run(argv, callbacks):
         processing_class=processor,
         callbacks=callbacks,
     )
+    logger.info("engine: %s", check_engine(engine, trainer.accelerator, args.allow_engine_fallback))
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint is None:
         checkpoint = resolve_checkpoint(args.resume, output_dir, training_args.world_size)
@@ -421,14 +436,8 @@ def _run(argv, callbacks):
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_state()
 
-    if args.stage == "lora":
-        where = output_dir / "adapter"
-        trainer.save_model(str(where))
-        if trainer.is_world_process_zero():
-            processor.save_pretrained(where)  # version-neutral files (HoneybeeProcessor.save_pretrained)
-    else:
-        save_full_model(trainer, processor, output_dir / "model")
-        where = output_dir / "model"
+    where = output_dir / ("adapter" if args.stage == "lora" else "model")
+    save_trained(trainer, args, processor, where)
     trainer.accelerator.wait_for_everyone()
     if args.merge_to and args.stage == "lora":
         if trainer.is_world_process_zero():
@@ -473,6 +482,9 @@ def main(argv=None):
         run(argv)
     except BadSampleError as error:  # --bad_samples error: say where, without a traceback
         logger.error("bad sample %s; fix it, or pass --bad_samples skip to leave such samples out", error)
+        return 1
+    except EngineFallbackError as error:
+        logger.error("%s", error)
         return 1
     return 0
 
