@@ -105,3 +105,42 @@ def check_engine(requested, accelerator, allow_fallback=False):
             "(see the README's distributed section) or pass --allow_engine_fallback to train with it anyway"
         )
     return description
+
+
+def keep_fp32_modules_in_fsdp2(trainer):
+    """Give every module the model keeps in fp32 (the D-Abstractor) its own FSDP2 unit with an fp32 policy.
+
+    FSDP2 all-gathers each unit's parameters in the mixed-precision dtype and computes with them; the official
+    D-Abstractor always ran in fp32. accelerate's wrapping skips modules that are already sharded, so sharding these
+    first, before `Accelerator.prepare`, keeps them fp32 while the rest follows the configured policy.
+    """
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if plugin is None or plugin.fsdp_version != 2:
+        return []
+    policy = plugin.mixed_precision_policy
+    if policy is None or policy.param_dtype in (None, torch.float32):
+        return []
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model = trainer.model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_keep_in_fp32_modules_strict", None) or ())
+    # The classes of those modules; under PEFT `modules_to_save` wraps them, and both copies are instances.
+    kept = {name: getattr(module, "original_module", module) for name, module in base.named_modules()}
+    classes = tuple({type(module) for name, module in kept.items() if name.rpartition(".")[2] in names})
+    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    sharded = []
+    for name, module in model.named_modules():
+        if classes and isinstance(module, classes):
+            fully_shard(
+                module,
+                mp_policy=fp32,
+                reshard_after_forward=plugin.reshard_after_forward,
+                offload_policy=plugin.cpu_offload,
+            )
+            sharded.append(name)
+    if sharded and plugin.transformer_cls_names_to_wrap is None:
+        # Sharding renamed their class (FSDP<name>): accelerate's auto-wrap must not look for the old name.
+        skip = {cls.__name__ for cls in classes}
+        plugin.transformer_cls_names_to_wrap = [n for n in base._no_split_modules if n not in skip]
+    return sharded

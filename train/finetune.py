@@ -11,10 +11,10 @@ model's attention and MLP projections plus a full copy of the abstractor (paper 
 LLM training); `full` trains the language model and the abstractor. The CLIP tower is always frozen.
 
 Every `TrainingArguments` option is a flag too (`--learning_rate`, `--num_train_epochs`, `--save_steps`,
-`--bf16`, `--gradient_checkpointing`, `--fsdp`, `--deepspeed`, ...); `--deepspeed zero2` names the shipped ZeRO-2
-json, and `honeybee-finetune config {ddp,fsdp,zero2,ds_zero2}` prints a shipped config's path. The learning rate
-defaults per stage (projector 1e-3, lora 2e-4, full 2e-5). A run started again with the same `--output_dir`
-resumes from its last complete checkpoint (`--resume never` starts afresh).
+`--bf16`, `--gradient_checkpointing`, `--fsdp`, `--deepspeed`, ...); `--deepspeed zero2` / `zero3` names a shipped
+DeepSpeed json, and `honeybee-finetune config {ddp,fsdp,zero2,zero3,ds_zero2,ds_zero3}` prints a shipped config's
+path. The learning rate defaults per stage (projector 1e-3, lora 2e-4, full 2e-5). A run started again with the
+same `--output_dir` resumes from its last complete checkpoint (`--resume never` starts afresh).
 
 Outputs in `--output_dir`: `adapter/` (stage lora: `adapter_config.json` + `adapter_model.safetensors`, for
 `PeftModel.from_pretrained(base, path)`), or `model/` (stages projector and full: a Hub-ready folder), plus
@@ -44,7 +44,15 @@ from transformers import (
 from ..export.hub import save_hub_folder
 from ..processing_honeybee import SYSTEM_PROMPT
 from .data import BadSampleError, HoneybeeCollator, HoneybeeConversationDataset
-from .engine import DEEPSPEED, EngineFallbackError, check_engine, configure_cpu_state, has_accelerator, requested_engine
+from .engine import (
+    DEEPSPEED,
+    EngineFallbackError,
+    check_engine,
+    configure_cpu_state,
+    has_accelerator,
+    keep_fp32_modules_in_fsdp2,
+    requested_engine,
+)
 
 logger = logging.getLogger("honeybee_hf.train")
 
@@ -53,9 +61,12 @@ CONFIGS = {
     "ddp": "accelerate_ddp.yaml",
     "fsdp": "accelerate_fsdp.yaml",
     "zero2": "accelerate_zero2.yaml",
+    "zero3": "accelerate_zero3.yaml",
     "ds_zero2": "ds_zero2.json",
+    "ds_zero3": "ds_zero3.json",
 }
-DEEPSPEED_CONFIGS = {"ds_zero2": "ds_zero2", "zero2": "ds_zero2"}  # `--deepspeed NAME` shortcuts
+# `--deepspeed NAME` shortcuts
+DEEPSPEED_CONFIGS = {"ds_zero2": "ds_zero2", "zero2": "ds_zero2", "ds_zero3": "ds_zero3", "zero3": "ds_zero3"}
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 DEFAULT_LEARNING_RATE = {"projector": 1e-3, "lora": 2e-4, "full": 2e-5}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -86,7 +97,7 @@ class FinetuneArguments:
     lora_modules_to_save: str = _arg(
         "abstractor", "Modules trained in full and stored in the adapter (comma-separated; 'none': frozen projector)."
     )
-    load_in_4bit: bool = _arg(False, "QLoRA: the language model in 4-bit NF4 (bitsandbytes, CUDA only; stage lora).")
+    load_in_4bit: bool = _arg(False, "QLoRA: the language model in 4-bit NF4 (bitsandbytes; stage lora).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _arg(
         "auto",
         "Weights' dtype at load. auto: stage lora with --bf16/--fp16 loads the frozen base in that dtype, otherwise "
@@ -103,7 +114,8 @@ class FinetuneArguments:
 
 
 def config_path(name):
-    """Path of a shipped launcher config: ddp, fsdp, zero2 (accelerate yaml) or ds_zero2 (DeepSpeed json)."""
+    """Path of a shipped launcher config: ddp, fsdp, zero2, zero3 (accelerate yaml) or ds_zero2, ds_zero3 (DeepSpeed
+    json)."""
     if name not in CONFIGS:
         raise ValueError(f"unknown config {name!r}; choose from {', '.join(CONFIGS)}")
     return CONFIG_DIR / CONFIGS[name]
@@ -142,11 +154,9 @@ def _load_dtype(args, training_args):
 
 
 def check_qlora(args):
-    """QLoRA needs stage lora, a CUDA GPU and bitsandbytes; say which is missing before anything is loaded."""
+    """QLoRA needs stage lora and bitsandbytes; say which is missing before anything is loaded."""
     if args.stage != "lora":
         raise ValueError("--load_in_4bit (QLoRA) only works with --stage lora: 4-bit weights cannot be trained")
-    if not torch.cuda.is_available():
-        raise RuntimeError("--load_in_4bit (QLoRA) needs a CUDA GPU; bitsandbytes' 4-bit training does not run here")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as error:
@@ -161,7 +171,8 @@ def load_model(args, training_args):
         check_qlora(args)
         from transformers import BitsAndBytesConfig
 
-        compute = torch.bfloat16 if training_args.bf16 else torch.float16
+        # bitsandbytes' CPU backend computes in float32 or bfloat16 (its float16 path is CUDA's)
+        compute = torch.bfloat16 if training_args.bf16 else torch.float16 if has_accelerator() else torch.float32
         kwargs["dtype"] = compute
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -169,7 +180,7 @@ def load_model(args, training_args):
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute,
         )  # only the LLM is quantized: the model lists its vision tower and abstractor, lm_head is the default
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0")) if has_accelerator() else "cpu"}
     return AutoModelForImageTextToText.from_pretrained(args.model, **kwargs)
 
 
@@ -354,11 +365,25 @@ def save_trained(trainer, args, processor, out_dir):
         processor.save_pretrained(out_dir)  # version-neutral files (HoneybeeProcessor.save_pretrained)
         return
     if sharded:  # the wrapped model holds shards: put the gathered weights into a plain copy
-        model = AutoModelForImageTextToText.from_pretrained(
-            args.model, trust_remote_code=True, dtype=_load_dtype(args, trainer.args)
-        )
+        model = _plain_copy(trainer, args)
         model.load_state_dict(state_dict)
     save_hub_folder(model, processor, out_dir, force=True)
+
+
+def _plain_copy(trainer, args):
+    """The base model, built by this rank alone: while a ZeRO-3 run is configured, transformers builds every model
+    partitioned across the ranks (a collective the other ranks are not in)."""
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    zero3 = trainer.is_deepspeed_enabled and getattr(trainer.args, "hf_deepspeed_config", None) is not None
+    if zero3:
+        unset_hf_deepspeed_config()
+    try:
+        dtype = _load_dtype(args, trainer.args)
+        return AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=dtype)
+    finally:
+        if zero3:
+            set_hf_deepspeed_config(trainer.args.hf_deepspeed_config)
 
 
 def merge_adapter(base, adapter, out_dir, dtype="auto", force=False):
@@ -428,6 +453,8 @@ def _run(argv, callbacks):
         callbacks=callbacks,
     )
     logger.info("engine: %s", check_engine(engine, trainer.accelerator, args.allow_engine_fallback))
+    for name in keep_fp32_modules_in_fsdp2(trainer):
+        logger.info("%s: its own FSDP2 unit, computing in float32", name)
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint is None:
         checkpoint = resolve_checkpoint(args.resume, output_dir, training_args.world_size)
