@@ -357,6 +357,12 @@ def save_trained(trainer, args, processor, out_dir):
         if sharded
         else None
     )
+    if trainer.is_deepspeed_enabled:
+        # Training is over: models built from here on (below, and by --merge_to) are plain ones. Under ZeRO-3,
+        # transformers would otherwise partition each across the ranks, a collective the other ranks are not in.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
     if not trainer.is_world_process_zero():
         return
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -365,25 +371,11 @@ def save_trained(trainer, args, processor, out_dir):
         processor.save_pretrained(out_dir)  # version-neutral files (HoneybeeProcessor.save_pretrained)
         return
     if sharded:  # the wrapped model holds shards: put the gathered weights into a plain copy
-        model = _plain_copy(trainer, args)
+        model = AutoModelForImageTextToText.from_pretrained(
+            args.model, trust_remote_code=True, dtype=_load_dtype(args, trainer.args)
+        )
         model.load_state_dict(state_dict)
     save_hub_folder(model, processor, out_dir, force=True)
-
-
-def _plain_copy(trainer, args):
-    """The base model, built by this rank alone: while a ZeRO-3 run is configured, transformers builds every model
-    partitioned across the ranks (a collective the other ranks are not in)."""
-    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-    zero3 = trainer.is_deepspeed_enabled and getattr(trainer.args, "hf_deepspeed_config", None) is not None
-    if zero3:
-        unset_hf_deepspeed_config()
-    try:
-        dtype = _load_dtype(args, trainer.args)
-        return AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=dtype)
-    finally:
-        if zero3:
-            set_hf_deepspeed_config(trainer.args.hf_deepspeed_config)
 
 
 def merge_adapter(base, adapter, out_dir, dtype="auto", force=False):
