@@ -79,7 +79,7 @@ def train_args(setup, out, stage, batch):
         "--logging_steps", 1, "--lora_dropout", 0, "--seed", 0, "--data_seed", 0,
         # SGD: Adam's first step divides each gradient by its own size, so reduction-order noise in a near-zero
         # gradient becomes a full learning-rate step and the curves drift apart for no fault of the engine.
-        "--optim", "sgd", "--learning_rate", "0.2",
+        "--optim", "sgd", "--learning_rate", "0.02",
     ]  # fmt: skip
 
 
