@@ -597,7 +597,11 @@ class HoneybeePreTrainedModel(PreTrainedModel):
 
     def _finish_projector_init(self, kernel_backend):
         """After `post_init`, which resets `_keep_in_fp32_modules_strict` from the class on transformers 4 and 5."""
-        if self.config.projector_config.projector_type == "d-abs":
+        projector_type = self.config.projector_config.projector_type
+        # Only this model's abstractor class: accelerate's FSDP auto-wrap refuses a listed class the model lacks.
+        absent = {cls.__name__ for name, cls in PROJECTOR_CLASSES.items() if name != projector_type}
+        self._no_split_modules = [name for name in type(self)._no_split_modules if name not in absent]
+        if projector_type == "d-abs":
             # The official D-Abstractor always ran in fp32: half-precision loads (dtype=...) keep it there. It stays in
             # `_keep_in_fp32_modules` as well: that list is the only one the quantizers skip (bitsandbytes, torchao).
             self._keep_in_fp32_modules_strict = {"abstractor"}

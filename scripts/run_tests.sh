@@ -25,8 +25,8 @@ setup_seconds=$((SECONDS - setup_start))
 status=0
 summary=()
 declare -A TESTS=([tf4]=tests [tf5]=tests [vllm]=tests/test_vllm.py [llmc]=tests/test_quantize.py
-                  [web]=tests/test_demo_browser.py)
-for env in tf4 tf5 vllm llmc web; do
+                  [ds]="tests/test_finetune_distributed.py -k deepspeed" [web]=tests/test_demo_browser.py)
+for env in tf4 tf5 vllm llmc ds web; do
   echo "=== $env: transformers $(.venvs/$env/bin/python -c 'import transformers; print(transformers.__version__)') ==="
   began=$SECONDS
   result=passed

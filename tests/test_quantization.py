@@ -153,3 +153,35 @@ def test_qlora_trains_on_the_bitsandbytes_cpu_backend(wide_tiny_folder):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5, losses  # measured: 6.36 -> 5.47
+
+
+def test_qlora_from_the_command_line_trains_and_merges_into_the_bf16_base(wide_tiny_folder, tmp_path):
+    """`honeybee-finetune --load_in_4bit` on bitsandbytes' CPU backend; `honeybee-finetune merge` into bf16."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (scripts/setup_envs.sh installs it)")
+    from finetune_helpers import ANSWERS, image_sample, small_photos, write_jsonl
+
+    from honeybee_hf.train import finetune
+
+    folder = wide_tiny_folder("c-abs")
+    photos = small_photos(tmp_path / "photos")
+    data = write_jsonl(photos / "train.jsonl", [image_sample(name) for name in ANSWERS])
+    out = tmp_path / "qlora"
+    trainer = finetune.run([
+        "--model", str(folder), "--data", str(data), "--output_dir", str(out), "--load_in_4bit",
+        "--max_steps", "12", "--per_device_train_batch_size", "5", "--learning_rate", "1e-2", "--logging_steps", "1",
+        "--save_strategy", "no", "--lora_modules_to_save", "none", "--report_to", "none",
+    ])  # fmt: skip
+    assert trainer.model.get_base_model().is_loaded_in_4bit
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0] - 0.5, losses
+
+    merged = tmp_path / "merged"
+    argv = ["merge", "--model", str(folder), "--adapter", str(out / "adapter"), "--output", str(merged)]
+    assert finetune.main([*argv, "--dtype", "bfloat16"]) == 0
+    base, model = load(folder, dtype=torch.bfloat16), load(merged, dtype=torch.bfloat16)
+    q_proj = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert model.state_dict()[q_proj].dtype == torch.bfloat16
+    assert not torch.equal(model.state_dict()[q_proj], base.state_dict()[q_proj])  # the adapter is in the weights
+    inputs = image_inputs(folder)
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()

@@ -11,10 +11,10 @@ model's attention and MLP projections plus a full copy of the abstractor (paper 
 LLM training); `full` trains the language model and the abstractor. The CLIP tower is always frozen.
 
 Every `TrainingArguments` option is a flag too (`--learning_rate`, `--num_train_epochs`, `--save_steps`,
-`--bf16`, `--gradient_checkpointing`, `--fsdp`, `--deepspeed`, ...); `--deepspeed zero2` names the shipped ZeRO-2
-json, and `honeybee-finetune config {ddp,fsdp,zero2,ds_zero2}` prints a shipped config's path. The learning rate
-defaults per stage (projector 1e-3, lora 2e-4, full 2e-5). A run started again with the same `--output_dir`
-resumes from its last complete checkpoint (`--resume never` starts afresh).
+`--bf16`, `--gradient_checkpointing`, `--fsdp`, `--deepspeed`, ...); `--deepspeed zero2` / `zero3` names a shipped
+DeepSpeed json, and `honeybee-finetune config {ddp,fsdp,zero2,zero3,ds_zero2,ds_zero3}` prints a shipped config's
+path. The learning rate defaults per stage (projector 1e-3, lora 2e-4, full 2e-5). A run started again with the
+same `--output_dir` resumes from its last complete checkpoint (`--resume never` starts afresh).
 
 Outputs in `--output_dir`: `adapter/` (stage lora: `adapter_config.json` + `adapter_model.safetensors`, for
 `PeftModel.from_pretrained(base, path)`), or `model/` (stages projector and full: a Hub-ready folder), plus
@@ -25,7 +25,6 @@ import dataclasses
 import logging
 import os
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,6 +45,14 @@ from ..cli import DEBUG_HELP, CommandError, add_debug_flag, check_model_source, 
 from ..export.hub import save_hub_folder
 from ..processing_honeybee import SYSTEM_PROMPT
 from .data import BadSampleError, HoneybeeCollator, HoneybeeConversationDataset
+from .engine import (
+    DEEPSPEED,
+    check_engine,
+    configure_cpu_state,
+    has_accelerator,
+    keep_fp32_modules_in_fsdp2,
+    requested_engine,
+)
 
 logger = logging.getLogger("honeybee_hf.train")
 
@@ -54,9 +61,12 @@ CONFIGS = {
     "ddp": "accelerate_ddp.yaml",
     "fsdp": "accelerate_fsdp.yaml",
     "zero2": "accelerate_zero2.yaml",
+    "zero3": "accelerate_zero3.yaml",
     "ds_zero2": "ds_zero2.json",
+    "ds_zero3": "ds_zero3.json",
 }
-DEEPSPEED_CONFIGS = {"ds_zero2": "ds_zero2", "zero2": "ds_zero2"}  # `--deepspeed NAME` shortcuts
+# `--deepspeed NAME` shortcuts
+DEEPSPEED_CONFIGS = {"ds_zero2": "ds_zero2", "zero2": "ds_zero2", "ds_zero3": "ds_zero3", "zero3": "ds_zero3"}
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 DEFAULT_LEARNING_RATE = {"projector": 1e-3, "lora": 2e-4, "full": 2e-5}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -87,7 +97,7 @@ class FinetuneArguments:
     lora_modules_to_save: str = _arg(
         "abstractor", "Modules trained in full and stored in the adapter (comma-separated; 'none': frozen projector)."
     )
-    load_in_4bit: bool = _arg(False, "QLoRA: the language model in 4-bit NF4 (bitsandbytes, CUDA only; stage lora).")
+    load_in_4bit: bool = _arg(False, "QLoRA: the language model in 4-bit NF4 (bitsandbytes; stage lora).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _arg(
         "auto",
         "Weights' dtype at load. auto: stage lora with --bf16/--fp16 loads the frozen base in that dtype, otherwise "
@@ -98,10 +108,14 @@ class FinetuneArguments:
         "auto", "auto: continue from the last complete checkpoint in --output_dir, if any; never; or a checkpoint path."
     )
     merge_to: Optional[str] = _arg(None, "Stage lora: also write base + adapter, merged, as a Hub-ready folder here.")
+    allow_engine_fallback: bool = _arg(
+        False, "Train even when accelerate set up another engine than the launch asks for (FSDP, DeepSpeed, DDP)."
+    )
 
 
 def config_path(name):
-    """Path of a shipped launcher config: ddp, fsdp, zero2 (accelerate yaml) or ds_zero2 (DeepSpeed json)."""
+    """Path of a shipped launcher config: ddp, fsdp, zero2, zero3 (accelerate yaml) or ds_zero2, ds_zero3 (DeepSpeed
+    json)."""
     if name not in CONFIGS:
         raise ValueError(f"unknown config {name!r}; choose from {', '.join(CONFIGS)}")
     return CONFIG_DIR / CONFIGS[name]
@@ -140,11 +154,9 @@ def _load_dtype(args, training_args):
 
 
 def check_qlora(args):
-    """QLoRA needs stage lora, a CUDA GPU and bitsandbytes; say which is missing before anything is loaded."""
+    """QLoRA needs stage lora and bitsandbytes; say which is missing before anything is loaded."""
     if args.stage != "lora":
         raise ValueError("--load_in_4bit (QLoRA) only works with --stage lora: 4-bit weights cannot be trained")
-    if not torch.cuda.is_available():
-        raise RuntimeError("--load_in_4bit (QLoRA) needs a CUDA GPU; bitsandbytes' 4-bit training does not run here")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as error:
@@ -159,7 +171,8 @@ def load_model(args, training_args):
         check_qlora(args)
         from transformers import BitsAndBytesConfig
 
-        compute = torch.bfloat16 if training_args.bf16 else torch.float16
+        # bitsandbytes' CPU backend computes in float32 or bfloat16 (its float16 path is CUDA's)
+        compute = torch.bfloat16 if training_args.bf16 else torch.float16 if has_accelerator() else torch.float32
         kwargs["dtype"] = compute
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -167,7 +180,7 @@ def load_model(args, training_args):
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute,
         )  # only the LLM is quantized: the model lists its vision tower and abstractor, lm_head is the default
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0")) if has_accelerator() else "cpu"}
     return AutoModelForImageTextToText.from_pretrained(args.model, **kwargs)
 
 
@@ -279,11 +292,6 @@ def _rewrite_argv(argv):
     return out
 
 
-def _has_accelerator():
-    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
-    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
-
-
 def _given(argv, name):
     flags = {f"--{name}", f"--{name.replace('_', '-')}"}
     return any(a.partition("=")[0] in flags for a in argv)
@@ -307,9 +315,13 @@ def parse_args(argv):
         "gradient_checkpointing_kwargs": {"use_reentrant": False},
         "activation_checkpointing_kwargs": {"use_reentrant": False},
     }
-    if not _has_accelerator():
+    engine = requested_engine(argv)
+    if configure_cpu_state(engine):
+        defaults["accelerator_config"] = {"use_configured_state": True}
+    if not has_accelerator() and engine != DEEPSPEED:
         # What happens anyway without a GPU, said explicitly: torchrun on CPUs then runs DDP over gloo (accelerate's
-        # MULTI_CPU needs cpu=True), and --bf16 runs with CPU autocast instead of being refused.
+        # MULTI_CPU needs cpu=True), and --bf16 runs with CPU autocast instead of being refused. DeepSpeed's CPU
+        # accelerator must not be told: accelerate drops DeepSpeed under cpu=True.
         defaults["use_cpu"] = True
     parser.set_defaults(**{k: v for k, v in defaults.items() if k in names})
     args, training_args = parser.parse_args_into_dataclasses(args=argv)
@@ -337,18 +349,35 @@ def _trainable_summary(model):
     return f"{trainable:,} trainable parameters of {total:,} ({100 * trainable / max(total, 1):.3f}%)"
 
 
-def save_full_model(trainer, processor, out_dir):
-    """Stages projector/full: the trained model as a Hub-ready folder (gathered first under FSDP/DeepSpeed)."""
+def save_trained(trainer, args, processor, out_dir):
+    """Stage lora: the adapter (+ processor files); stages projector/full: a Hub-ready folder. Under FSDP and
+    DeepSpeed the weights are first gathered onto rank 0, a collective every rank takes part in."""
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    # DeepSpeed gathers through its engine (`model_wrapped`); FSDP2 through the sharded module itself.
+    state_dict = (
+        trainer.accelerator.get_state_dict(trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model)
+        if sharded
+        else None
+    )
+    if trainer.is_deepspeed_enabled:
+        # Training is over: models built from here on (below, and by --merge_to) are plain ones. Under ZeRO-3,
+        # transformers would otherwise partition each across the ranks, a collective the other ranks are not in.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    if not trainer.is_world_process_zero():
+        return
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-        staging = Path(trainer.args.output_dir) / ".gathered-model"
-        trainer.save_model(str(staging))  # collective: every rank takes part
-        if trainer.is_world_process_zero():
-            model = AutoModelForImageTextToText.from_pretrained(staging, trust_remote_code=True, dtype="auto")
-    if trainer.is_world_process_zero():
-        save_hub_folder(model, processor, out_dir, force=True)
-        if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-            shutil.rmtree(Path(trainer.args.output_dir) / ".gathered-model", ignore_errors=True)
+    if args.stage == "lora":
+        model.save_pretrained(out_dir, state_dict=state_dict)  # PEFT keeps the adapter's entries
+        processor.save_pretrained(out_dir)  # version-neutral files (HoneybeeProcessor.save_pretrained)
+        return
+    if sharded:  # the wrapped model holds shards: put the gathered weights into a plain copy
+        model = AutoModelForImageTextToText.from_pretrained(
+            args.model, trust_remote_code=True, dtype=_load_dtype(args, trainer.args)
+        )
+        model.load_state_dict(state_dict)
+    save_hub_folder(model, processor, out_dir, force=True)
 
 
 def merge_adapter(base, adapter, out_dir, dtype="auto", force=False):
@@ -376,6 +405,7 @@ def run(argv=None, callbacks=None):
 
 
 def _run(argv, callbacks):
+    engine = requested_engine(argv)
     args, training_args = parse_args(argv)
     check_inputs(args, training_args)
     _setup_logging(training_args)
@@ -417,6 +447,9 @@ def _run(argv, callbacks):
         processing_class=processor,
         callbacks=callbacks,
     )
+    logger.info("engine: %s", check_engine(engine, trainer.accelerator, args.allow_engine_fallback))
+    for name in keep_fp32_modules_in_fsdp2(trainer):
+        logger.info("%s: its own FSDP2 unit, computing in float32", name)
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint is None:
         checkpoint = resolve_checkpoint(args.resume, output_dir, training_args.world_size)
@@ -425,14 +458,8 @@ def _run(argv, callbacks):
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_state()
 
-    if args.stage == "lora":
-        where = output_dir / "adapter"
-        trainer.save_model(str(where))
-        if trainer.is_world_process_zero():
-            processor.save_pretrained(where)  # version-neutral files (HoneybeeProcessor.save_pretrained)
-    else:
-        save_full_model(trainer, processor, output_dir / "model")
-        where = output_dir / "model"
+    where = output_dir / ("adapter" if args.stage == "lora" else "model")
+    save_trained(trainer, args, processor, where)
     trainer.accelerator.wait_for_everyone()
     if args.merge_to and args.stage == "lora":
         if trainer.is_world_process_zero():
