@@ -12,8 +12,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 from honeybee_hf.export.official import UNUSED_VISION_PREFIX, official_key
+from honeybee_hf.export.tiny import TOY_SPM
+from honeybee_hf.export.tokenizer import load_backend
 from honeybee_hf.modeling_honeybee import HoneybeeForConditionalGeneration
 
 # A config.json written by the official code (HEAD format), recorded with the official tiny checkpoint.
@@ -273,3 +276,17 @@ def write_official_checkpoint(
         if tar is not None:
             tar.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def stand_in_tokenizer(folder, vocab):
+    """A folder with a `tokenizer.json` of `vocab` tokens, standing in for Vicuna's 32000-token sentencepiece model
+    (not downloadable here): the toy Llama-style tokenizer (same specials: <unk> 0, <s> 1, </s> 2), its vocabulary
+    padded with `<extra_i>` pieces that no text produces."""
+    backend = load_backend(TOY_SPM)
+    data = json.loads(backend.to_str())
+    pieces = data["model"]["vocab"]
+    pieces.update({f"<extra_{i}>": i for i in range(len(pieces), vocab)})
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    Tokenizer.from_str(json.dumps(data)).save(str(folder / "tokenizer.json"))
+    return folder
