@@ -3,7 +3,7 @@
 and check it against the model that was written: every weight bit for bit (each official tensor drawn again from
 its name and seed, mapped with `export.official`, one at a time), the dtypes (CLIP, C-Abstractor and LLM bf16; a
 D-Abstractor fp32), the peak resident memory of the load against the weight bytes, and one photo + question:
-time to the first token and greedy tokens.
+time to the first token, decode s/token (one run each) and greedy tokens.
 
     python benchmarks/check_converted_release.py /big/converted-7B-C --name 7B-C-Abs-M144
 """
@@ -64,13 +64,16 @@ def main():
     with torch.no_grad():
         start = time.perf_counter()
         logits = model(**inputs).logits
-        ttft = time.perf_counter() - start
-        start = time.perf_counter()
-        tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        generate_s = time.perf_counter() - start
+        forward_s = time.perf_counter() - start
+        times, tokens = {}, None
+        for new_tokens in (1, 5):  # decode s/token = the difference over the 4 extra tokens
+            start = time.perf_counter()
+            tokens = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            times[new_tokens] = time.perf_counter() - start
     length = inputs["input_ids"].shape[1]
-    print(f"prompt {length} tokens: forward {ttft:.1f} s, logits finite: {bool(torch.isfinite(logits).all())}")
-    print(f"generate 4 tokens {generate_s:.1f} s: {tokens[0, length:].tolist()}")
+    print(f"prompt {length} tokens: forward {forward_s:.1f} s, logits finite: {bool(torch.isfinite(logits).all())}")
+    print(f"generate: first token {times[1]:.1f} s, decode {(times[5] - times[1]) / 4:.2f} s/token (one run each)")
+    print(f"greedy tokens {tokens[0, length:].tolist()}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(
         f"peak RSS of the run {peak:.2f} GiB; 1-min load average at start {load:.1f}, at end {os.getloadavg()[0]:.1f}"
