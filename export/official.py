@@ -129,6 +129,7 @@ def map_official_vision_model(state_dict, target_state_dict, prefix="", complete
 # The two matrices indexed by token id; ours have one more row, for `<image>` (image_token_id = the official
 # vocabulary size, so every official id keeps its meaning).
 _VOCAB_MATRICES = ("model.embed_tokens.weight", "lm_head.weight")
+_MEAN_BLOCK_ROWS = 4096  # rows of the embedding averaged at a time in fp32
 
 
 def grow_vocab_matrix(key, tensor):
@@ -143,7 +144,9 @@ def grow_vocab_matrix(key, tensor):
       the id, so greedy and sampled generation never produce it.
     """
     if key == "model.embed_tokens.weight":
-        row = tensor.to(torch.float32).mean(dim=0, keepdim=True).to(tensor.dtype)
+        # summed in fp32 a block of rows at a time: a whole fp32 copy of a 13B embedding would be 0.65 GB
+        total = sum(block.to(torch.float32).sum(dim=0, keepdim=True) for block in tensor.split(_MEAN_BLOCK_ROWS))
+        row = (total / tensor.shape[0]).to(tensor.dtype)
     else:
         row = torch.zeros_like(tensor[:1])
     return torch.cat([tensor, row], dim=0)

@@ -9,6 +9,7 @@
 """
 
 import copy
+import errno
 import io
 import json
 import os
@@ -24,13 +25,14 @@ from safetensors.torch import load_file
 
 from conftest import TESTS, other_python, run_script
 from honeybee_hf.export import convert as convert_module
-from honeybee_hf.export.convert import ConversionError, convert_official_checkpoint, main, safe_extract
+from honeybee_hf.export.convert import ConversionError, convert_official_checkpoint, main
 from honeybee_hf.export.hub import save_hub_folder
 from honeybee_hf.export.official import UNUSED_VISION_PREFIX, official_config_to_kwargs, official_key
 from honeybee_hf.export.tiny import TOY_SPM, tiny_config, tiny_model, tiny_processor
 
 sys.path.insert(0, str(TESTS))
 from check_official_parity import compare  # noqa: E402
+from official_format import official_config  # noqa: E402
 
 from load_and_run import load  # noqa: E402
 
@@ -138,8 +140,9 @@ def test_official_archive_folder_contents(official_folder, tmp_path):
     assert "AutoModelForImageTextToText" in card and "transformers 4.57" in card and "5.x" in card
 
     # The weights are the official bf16 tensors, bit for bit, plus the <image> rows.
-    safe_extract(ARCHIVE, tmp_path / "x", progress=False)
-    official = torch.load(tmp_path / "x" / "tiny_cabs_m16" / "last" / "pytorch_model.bin", weights_only=True)
+    with tarfile.open(ARCHIVE) as tar:
+        data = tar.extractfile("tiny_cabs_m16/last/pytorch_model.bin").read()
+    official = torch.load(io.BytesIO(data), weights_only=True)
     ours = {official_key(k): v for k, v in load_file(official_folder / "model.safetensors").items()}
     unused = "vision_model." + UNUSED_VISION_PREFIX  # CLIP's post_layernorm, never read: dropped
     assert ours.keys() == {k for k in official if not k.startswith(unused)} and len(official) > len(ours)
@@ -167,123 +170,6 @@ def test_model_card_carries_the_published_numbers():
 # ---------------------------------------------------------------------------------------------------------
 # Hand-made official-format checkpoints
 # ---------------------------------------------------------------------------------------------------------
-
-# What the official code's DeformableDetrConfig(**yaml).to_dict() adds to a D-Abstractor's projector_config
-# (transformers 4.38.1; the values do not matter to the D-Abstractor).
-DDETR_EXTRAS = {
-    "auxiliary_loss": False,
-    "backbone": "resnet50",
-    "backbone_config": None,
-    "backbone_kwargs": None,
-    "bbox_cost": 5,
-    "bbox_loss_coefficient": 5,
-    "class_cost": 1,
-    "dice_loss_coefficient": 1,
-    "dilation": False,
-    "disable_custom_kernels": False,
-    "encoder_attention_heads": 8,
-    "encoder_ffn_dim": 1024,
-    "encoder_layerdrop": 0.0,
-    "encoder_layers": 6,
-    "encoder_n_points": 4,
-    "eos_coefficient": 0.1,
-    "focal_alpha": 0.25,
-    "giou_cost": 2,
-    "giou_loss_coefficient": 2,
-    "init_std": 0.02,
-    "init_xavier_std": 1.0,
-    "is_encoder_decoder": True,
-    "learnable_mRP": True,
-    "manual_init_refPoints": True,
-    "mask_loss_coefficient": 1,
-    "max_position_embeddings": 1024,
-    "num_channels": 3,
-    "position_embedding_type": "sine",
-    "two_stage": False,
-    "two_stage_num_proposals": 300,
-    "use_pretrained_backbone": False,
-    "use_timm_backbone": True,
-    "with_box_refine": False,
-    "activation_function": "relu",
-    "dropout": 0.1,
-    "attention_dropout": 0.0,
-    "activation_dropout": 0.0,
-}
-C_ABS_KEYS = ("depth", "hidden_size", "mlp_depth", "prenorm")
-
-
-def official_config(config, fmt="head", eos_in_config=True, vocab=V):
-    """The config.json the official code (HEAD, or Dec-2023 "mllm") writes for a model shaped as our `config`."""
-    template = copy.deepcopy(EXPECTED["saved_config_json"])  # HEAD format, written by the official code
-    vc, pc, tc = config.vision_config, config.projector_config, config.text_config
-    template["vision_config"].update(
-        hidden_size=vc.hidden_size,
-        intermediate_size=vc.intermediate_size,
-        num_hidden_layers=vc.num_hidden_layers,
-        num_attention_heads=vc.num_attention_heads,
-        image_size=vc.image_size,
-        patch_size=vc.patch_size,
-        layer_norm_eps=vc.layer_norm_eps,
-        hidden_act=vc.hidden_act,
-    )
-    template["text_config"].update(
-        vocab_size=vocab,
-        hidden_size=tc.hidden_size,
-        intermediate_size=tc.intermediate_size,
-        num_hidden_layers=tc.num_hidden_layers,
-        num_attention_heads=tc.num_attention_heads,
-        num_key_value_heads=tc.num_key_value_heads,
-        max_position_embeddings=tc.max_position_embeddings,
-        rms_norm_eps=tc.rms_norm_eps,
-        hidden_act=tc.hidden_act,
-    )
-    projector = {k: v for k, v in template["projector_config"].items() if k not in C_ABS_KEYS}
-    projector.update(
-        projector_type=pc.projector_type,
-        num_query_tokens=pc.num_query_tokens,
-        num_eos_tokens=pc.num_eos_tokens,
-        pos_emb=pc.pos_emb,
-        encoder_hidden_size=vc.hidden_size,
-        output_hidden_size=tc.hidden_size,
-    )
-    if pc.projector_type == "c-abs":
-        projector.update({k: getattr(pc, k) for k in C_ABS_KEYS})
-    else:
-        projector.update(DDETR_EXTRAS)
-        projector.update(
-            d_model=pc.d_model,
-            decoder_layers=pc.decoder_layers,
-            decoder_attention_heads=pc.decoder_attention_heads,
-            decoder_n_points=pc.decoder_n_points,
-            decoder_ffn_dim=pc.decoder_ffn_dim,
-            num_feature_levels=1,
-            num_queries=pc.num_query_tokens,
-            pooled_v_target=pc.pooled_v_target,
-        )
-    if not eos_in_config:
-        del projector["num_eos_tokens"]
-    if fmt == "head":
-        template["projector_config"] = projector
-        return template
-    del template["projector_config"]
-    for key in ("image_mean", "image_std"):
-        del template["vision_config"][key]
-    template["vision_config"]["model_type"] = "clip_vision_model"
-    projector.update(use_cls=True, num_queries=projector.pop("num_query_tokens"), model_type="mllm_visual_projector")
-    template["lm_config"]["delta_model_name_or_path"] = None
-    template.update(
-        model_type="mllm",
-        visual_projector_config=projector,
-        num_query_tokens=pc.num_query_tokens,
-        use_decoder_only_language_model=True,
-        initializer_range=0.02,
-        initializer_factor=1.0,
-        tie_word_embeddings=False,
-        is_encoder_decoder=False,
-        _commit_hash=None,
-        transformers_version="4.30.2",
-    )
-    return template
 
 
 def make_official_checkpoint(
@@ -490,6 +376,98 @@ def test_archive_escaping_its_folder_is_refused(tmp_path, members, culprit):
         convert_official_checkpoint(archive, out, TOKENIZER, progress=False)
     assert not (tmp_path / "evil.txt").exists() and not os.path.exists("/tmp/evil_honeybee.txt")
     assert not out.exists() and list(work.iterdir()) == []  # the unpack folder is gone too
+
+
+def _archive_in_order(folder, archive, first):
+    """`folder` (<name>/last/) as a .tar.gz whose file members come in the order of `first` (names), then the rest."""
+    files = sorted(folder.iterdir(), key=lambda p: (first.index(p.name) if p.name in first else len(first), p.name))
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in files:
+            tar.add(path, arcname=f"{folder.parent.name}/last/{path.name}")
+    return archive
+
+
+def _all_tensors(out):
+    tensors = {}
+    for path in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+@pytest.mark.parametrize("order", ["config_first_index_last", "shard_before_config"])
+def test_streamed_archive_gives_the_folder_conversion(tmp_path, monkeypatch, order):
+    """An archive is read as a stream, one weight file at a time on disk: its conversion equals the folder's,
+    whatever the member order (a shard that precedes config.json waits on disk for it)."""
+    make_official_checkpoint(tmp_path / "src", "streamed", fmt="dec2023", shards=3, legacy_pos_emb=True)
+    last = tmp_path / "src" / "streamed" / "last"
+    shards = [f"pytorch_model-{i:05d}-of-00003.bin" for i in (1, 2, 3)]
+    first = {
+        "config_first_index_last": ["config.json", *shards],
+        "shard_before_config": [shards[1], "config.json", shards[0], "pytorch_model.bin.index.json"],
+    }[order]
+    archive = _archive_in_order(last, tmp_path / "streamed.tar.gz", first)
+    from_folder = unique(tmp_path, "folder")
+    convert_official_checkpoint(last, from_folder, TOY_SPM, max_shard_size="60KB", progress=False)
+
+    spooled, real_load = [], convert_module.load_weight_file
+
+    def spy_load(path):
+        spooled.append(sorted(p.name for p in path.parent.iterdir()))  # what is on disk while a file converts
+        return real_load(path)
+
+    monkeypatch.setattr(convert_module, "load_weight_file", spy_load)
+    work = tmp_path / "work"
+    from_archive = unique(tmp_path, "archive")
+    convert_official_checkpoint(archive, from_archive, TOY_SPM, max_shard_size="60KB", work_dir=work, progress=False)
+    assert len(spooled) == 3
+    if order == "config_first_index_last":
+        assert all(len(files) == 1 for files in spooled), spooled  # extra disk: one official shard at a time
+    assert list(work.iterdir()) == []  # nothing spooled is left
+    ours, theirs = _all_tensors(from_archive), _all_tensors(from_folder)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert json.loads((from_archive / "config.json").read_text()) == json.loads(
+        (from_folder / "config.json").read_text()
+    )
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), args[1])
+
+
+def _no_memory(*args, **kwargs):
+    raise MemoryError
+
+
+@pytest.mark.parametrize("fault", ["disk_full", "out_of_memory", "archive_truncated_after_a_shard"])
+def test_a_run_failing_midway_leaves_no_out_and_says_so_in_one_line(tmp_path, monkeypatch, capsys, fault):
+    make_official_checkpoint(tmp_path / "src", "midway", shards=3)
+    last = tmp_path / "src" / "midway" / "last"
+    archive = _archive_in_order(last, tmp_path / "midway.tar.gz", ["config.json"])
+    calls, real_save = [], convert_module.save_file
+    if fault == "archive_truncated_after_a_shard":
+        data = archive.read_bytes()
+        archive.write_bytes(data[: len(data) * 2 // 3])
+    else:
+
+        def failing_save(*args, **kwargs):  # the second output shard fails
+            calls.append(args[1])
+            if len(calls) == 2:
+                (_no_space if fault == "disk_full" else _no_memory)(*args)
+            return real_save(*args, **kwargs)
+
+        monkeypatch.setattr(convert_module, "save_file", failing_save)
+    out = tmp_path / "out"
+    code = main([str(archive), str(out), "--tokenizer", str(TOY_SPM), "--max-shard-size", "60KB", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    expected = {
+        "disk_full": f"No space left on device.*{re.escape(str(out))} was not written or changed",
+        "out_of_memory": f"out of memory; {re.escape(str(out))} was not written or changed",
+        "archive_truncated_after_a_shard": "midway.tar.gz is truncated or corrupt",
+    }[fault]
+    assert re.search(expected, err), err
+    assert fault == "archive_truncated_after_a_shard" or len(calls) == 2  # it failed after writing a shard
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["midway.tar.gz", "src"]  # no OUT, no partial, no spool
 
 
 def test_truncated_archive_is_refused(tmp_path):
