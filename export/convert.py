@@ -42,11 +42,16 @@ from tqdm import tqdm
 
 from ..configuration_honeybee import HoneybeeConfig
 from ..modeling_honeybee import HoneybeeForConditionalGeneration
-from ..processing_honeybee import HoneybeeProcessor, honeybee_image_processor
+from ..processing_honeybee import IMAGE_TOKEN, HoneybeeProcessor
 from .hub import refuse_existing, save_hub_folder, staging_folder, write_support_files
 from .model_card import render_model_card
-from .official import map_official_state_dict, num_eos_tokens_origin, official_config_to_kwargs
-from .tokenizer import IMAGE_TOKEN, load_backend, save_tokenizer_files
+from .official import (
+    map_official_state_dict,
+    num_eos_tokens_origin,
+    official_config_to_kwargs,
+    official_image_processor,
+)
+from .tokenizer import load_backend, save_tokenizer_files
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -355,11 +360,10 @@ def build_processor(backend, config, image_mean=None, image_std=None):
     with tempfile.TemporaryDirectory() as folder:
         save_tokenizer_files(backend, folder, model_max_length=config.text_config.max_position_embeddings)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    image_processor = honeybee_image_processor(config.vision_config.image_size)
-    if image_mean is not None:
-        image_processor.image_mean = list(image_mean)
-    if image_std is not None:
-        image_processor.image_std = list(image_std)
+    colour = {"image_mean": image_mean, "image_std": image_std}
+    image_processor = official_image_processor(
+        config.vision_config.image_size, **{k: v for k, v in colour.items() if v is not None}
+    )
     pc = config.projector_config
     return HoneybeeProcessor(
         image_processor, tokenizer, num_query_tokens=pc.num_query_tokens, num_eos_tokens=pc.num_eos_tokens

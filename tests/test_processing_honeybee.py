@@ -22,13 +22,13 @@ from transformers import AutoProcessor
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from honeybee_hf.export.hub import save_hub_folder
+from honeybee_hf.export.official import official_image_processor
 from honeybee_hf.export.tiny import TOY_SPM, tiny_config, tiny_model, tiny_processor
 from honeybee_hf.processing_honeybee import (
     AI,
     HUMAN,
     SYSTEM_PROMPT,
     HoneybeeProcessor,
-    honeybee_image_processor,
     load_rgb_image,
 )
 
@@ -216,7 +216,7 @@ def test_tokenizer_matches_slow_legacy_llama_tokenizer(processor):
 def test_image_preprocessing_matches_official(processor):
     meta, tensors = fixture("image_preprocess_224")
     size = meta["image_size"]
-    big = HoneybeeProcessor(honeybee_image_processor(size), processor.tokenizer, num_query_tokens=NUM_QUERY, num_eos_tokens=NUM_EOS)
+    big = HoneybeeProcessor(official_image_processor(size), processor.tokenizer, num_query_tokens=NUM_QUERY, num_eos_tokens=NUM_EOS)
     array = tensors["image_uint8_hwc"].numpy()
     expected = tensors["pixel_values"]
     for image in [Image.fromarray(array), array, torch.from_numpy(array)]:
@@ -245,30 +245,37 @@ def user(*content):
     return {"role": "user", "content": list(content)}
 
 
+def tokenizer_ids(processor, rendered):
+    """What vLLM, TRL and chat clients do with a rendered prompt: the plain tokenizer, `<image>` expanded."""
+    expanded = rendered.replace("<image>", "<image>" * processor.num_visual_tokens)
+    return processor.tokenizer(expanded, add_special_tokens=False)["input_ids"]
+
+
 def test_chat_template_renders_official_prompts(processor, toy):
-    """The official prompts, with the `<s>` the official tokenizer adds and the `</s>` it ends each answer with
-    written out, so that any tokenizer call on the rendering (TRL's, vLLM's) gets them."""
-    meta, _ = toy
+    """The official prompts, with the `<s>` the official tokenizer adds, the `</s>` it ends each answer with and a
+    space where it tokenises a piece with sentencepiece's dummy prefix written out, so that the plain tokenizer on
+    the rendering (TRL's, vLLM's) gives the official ids."""
+    meta, tensors = toy
     question = [user({"type": "image"}, {"type": "text", "text": "What is in the image?"})]
     rendered = processor.apply_chat_template(question, add_generation_prompt=True, tokenize=False)
-    assert rendered == f"<s>{SYSTEM_PROMPT}\nHuman: <image>\nHuman: What is in the image?\nAI: "
-    assert rendered == "<s>" + meta["cases"][0]["prompt"]
+    assert rendered == f"<s>{SYSTEM_PROMPT} \nHuman: <image>\nHuman:  What is in the image? \nAI: "
+    assert tokenizer_ids(processor, rendered) == official_ids(tensors["case0.input_ids"], processor).tolist()
 
     custom = [{"role": "system", "content": "Be brief."}, *question]
     assert processor.apply_chat_template(custom, add_generation_prompt=True, tokenize=False) == (
-        "<s>Be brief.\nHuman: <image>\nHuman: What is in the image?\nAI: "
+        "<s>Be brief. \nHuman: <image>\nHuman:  What is in the image? \nAI: "
     )
     custom[0]["content"] = [{"type": "text", "text": "Be brief."}]
     rendered = processor.apply_chat_template(custom, add_generation_prompt=True, tokenize=False)
-    assert rendered.startswith("<s>Be brief.\nHuman: ")
+    assert rendered.startswith("<s>Be brief. \nHuman: ")
 
     history = question + [
         {"role": "assistant", "content": [{"type": "text", "text": "A dog."}]},
         user({"type": "text", "text": "What color is it?"}),
     ]
     assert processor.apply_chat_template(history, add_generation_prompt=True, tokenize=False) == (
-        f"<s>{SYSTEM_PROMPT}\nHuman: <image>\nHuman: What is in the image?\nAI: A dog.</s>"
-        "\nHuman: What color is it?\nAI: "
+        f"<s>{SYSTEM_PROMPT} \nHuman: <image>\nHuman:  What is in the image? \nAI:  A dog.</s>"
+        "\nHuman:  What color is it? \nAI: "
     )
     text_only = [  # the official multi-turn, text-only fixture prompt; plain-string contents
         {"role": "user", "content": "Is there a cat?"},
@@ -276,8 +283,12 @@ def test_chat_template_renders_official_prompts(processor, toy):
         {"role": "user", "content": "Explain why this meme is funny."},
     ]
     rendered = processor.apply_chat_template(text_only, add_generation_prompt=True, tokenize=False)
-    assert rendered == "<s>" + meta["cases"][4]["prompt"].replace("\nAI: No", "\nAI: No</s>")
+    assert tokenizer_ids(processor, rendered) == tensors["case4.input_ids"].tolist()
     assert not processor.apply_chat_template(text_only, tokenize=False).endswith("\nAI: ")  # no generation prompt
+
+    answered = question + [{"role": "assistant", "content": meta["cases"][2]["prompt"].split(AI)[-1]}]
+    rendered = processor.apply_chat_template(answered, tokenize=False)
+    assert tokenizer_ids(processor, rendered) == official_ids(tensors["case2.input_ids"], processor).tolist()
 
 
 def test_chat_template_tokenized_equals_processor(processor, toy):
@@ -553,22 +564,13 @@ def test_image_processor_keeps_the_official_pil_resize():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 7. one tokenizer, in today's files and in the previous format
+# 7. one tokenizer, in the files
 
 
 def hub_folder(tmp_path, processor, stem):
     folder = tmp_path / f"{stem}_{uuid.uuid4().hex[:8]}"  # dynamic modules are cached by basename
     save_hub_folder(tiny_model(tiny_config(num_query_tokens=NUM_QUERY, num_eos_tokens=NUM_EOS)), processor, folder)
     return folder
-
-
-# The tokenizer_config.json written before tokenizer_class became PreTrainedTokenizerFast (published folders have it).
-PREVIOUS_TOKENIZER_CONFIG = {
-    "tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-    "pad_token": "<unk>", "additional_special_tokens": ["<image>"], "add_bos_token": True, "add_eos_token": False,
-    "legacy": True, "padding_side": "left", "clean_up_tokenization_spaces": False, "model_max_length": 4096,
-    "processor_class": "HoneybeeProcessor",
-}
 
 
 def test_tokenizer_files_load_as_written(processor, spm, tmp_path):
@@ -581,24 +583,6 @@ def test_tokenizer_files_load_as_written(processor, spm, tmp_path):
     for text in TRICKY:
         assert plain_ids(tokenizer, text) == spm.encode(text), text
     assert "token_type_ids" not in tokenizer("a b") and tokenizer.padding_side == "left"
-
-
-def test_folders_in_the_previous_tokenizer_format_keep_loading(processor, spm, tmp_path):
-    folder = hub_folder(tmp_path, processor, "hb_previous_format")
-    config = dict(PREVIOUS_TOKENIZER_CONFIG, added_tokens_decoder=json.loads(
-        (folder / "tokenizer_config.json").read_text())["added_tokens_decoder"])
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    loaded = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    for text in TRICKY:
-        assert plain_ids(loaded.tokenizer, text) == spm.encode(text), text
-    texts = ["What is this?", "Two\nHuman: <image>\nHuman: <image>\nAI: x  y", " leading  spaces"]
-    images = [[photo(0)], [photo(1), photo(2)], []]
-    ours = processor(text=texts, images=images, return_tensors="pt", return_labels=True)
-    theirs = loaded(text=texts, images=images, return_tensors="pt", return_labels=True)
-    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
-    if TF_MAJOR >= 5:  # what the processor repairs: 5.x rebuilds a LlamaTokenizerFast with Metaspace
-        plain = transformers.AutoTokenizer.from_pretrained(folder)
-        assert any(plain_ids(plain, text) != spm.encode(text) for text in TRICKY)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -801,7 +785,9 @@ def test_caption_messages_render_the_pre_training_format(processor, toy):
         user({"type": "image", "image": photo(6)}),
         {"role": "assistant", "content": caption},
     ]
-    assert processor.apply_chat_template(messages, tokenize=False) == f"<s>[NO_PROMPT] <image> {caption}</s>"
+    rendered = processor.apply_chat_template(messages, tokenize=False)
+    assert rendered == f"<s><image>{caption}</s>"  # the official tokenization drops the "[NO_PROMPT] " text
+    assert tokenizer_ids(processor, rendered) == official_ids(tensors["case3.input_ids"], processor).tolist()
     # transformers 4 tokenizes list contents only
     messages[0]["content"] = [{"type": "text", "text": "[NO_PROMPT]"}]
     messages[2]["content"] = [{"type": "text", "text": caption}]

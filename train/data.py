@@ -29,11 +29,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..processing_honeybee import AI, HUMAN, NO_PROMPT, SYSTEM_PROMPT, load_rgb_image
+from ..processing_honeybee import AI, CAPTION_PROMPT, HUMAN, IMAGE_TOKEN, NO_PROMPT, SYSTEM_PROMPT, load_rgb_image
 
 logger = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<image>"
 USER_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant"}
 IGNORE_INDEX = -100
@@ -82,8 +81,8 @@ def conversation_to_prompt(conversations, num_images, system_prompt=SYSTEM_PROMP
         for marker in (HUMAN, AI):
             if marker in text:
                 raise ValueError(f"turn {i} contains the role marker {marker!r}, which would corrupt the labels")
-        if text.lstrip().startswith("[NO_PROMPT]"):
-            raise ValueError(f"turn {i} starts with [NO_PROMPT], which is reserved for caption samples")
+        if text.lstrip().startswith(NO_PROMPT):
+            raise ValueError(f"turn {i} starts with {NO_PROMPT}, which is reserved for caption samples")
         if role in ASSISTANT_ROLES:
             if IMAGE_TOKEN in text:
                 raise ValueError(f"assistant turn {i} contains {IMAGE_TOKEN}")
@@ -119,7 +118,7 @@ def caption_to_prompt(caption):
     """The official pre-training format: `<s> <image> caption </s>`, loss on the caption and `</s>`."""
     if not isinstance(caption, str) or not caption.strip():
         raise ValueError("'caption' must be a non-empty string")
-    return NO_PROMPT + caption.strip()
+    return CAPTION_PROMPT + caption.strip()
 
 
 def _image_list(record):
