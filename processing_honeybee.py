@@ -316,11 +316,17 @@ class HoneybeeProcessor(ProcessorMixin):
             content = [{"type": "image"}] * num_images + ([{"type": "text", "text": text}] if text else [])
             rendered = self.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
             return rendered[len(bos) :] if bos and rendered.startswith(bos) else rendered, []
-        if bos and text.startswith(bos):  # rendered by the chat template: answers run from "\nAI: " to `</s>`
-            spans = []
-            for marker in re.finditer(re.escape(AI), text):
-                end = text.find(eos, marker.end())
-                spans.append((marker.end(), len(text) if end < 0 else end + len(eos)))
+        if bos and text.startswith(bos):  # rendered by the chat template: answers end with `</s>` (or the text)
+            spans, done = [], 0
+            ends = [(m.end(), True) for m in re.finditer(re.escape(eos), text)] + [(len(text), False)]
+            for end, closed in ends:
+                head = text[done:end]  # an answer follows the last "\nAI: " (a caption: the `<image>`)
+                marker, image = head.rfind(AI), head.rfind(self.image_token)
+                if marker >= 0:
+                    spans.append((done + marker + len(AI), end))
+                elif closed and image >= 0:
+                    spans.append((done + image + len(self.image_token), end))
+                done = end
             return text, spans
         if text.startswith(CAPTION_PROMPT):  # the official pre-training format drops "[NO_PROMPT] "
             pieces = [self.image_token, text[len(CAPTION_PROMPT) :]]
@@ -480,7 +486,7 @@ class HoneybeeProcessor(ProcessorMixin):
         if images is None and text is None:
             raise ValueError("give images, text, or both")
         options = self._merge_kwargs(
-            HoneybeeProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+            self.valid_processor_kwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
         )
         text_options, image_options = dict(options["text_kwargs"]), dict(options["images_kwargs"])
         return_tensors = text_options.pop("return_tensors", None) or image_options.get("return_tensors")

@@ -192,6 +192,49 @@ def test_encode_prompt_matches_sentencepiece_reference(processor, spm):
             assert (ids, mask) == expected, repr(prompt)
 
 
+@pytest.fixture(scope="module")
+def whitespace_vocab(tmp_path_factory):
+    """A sentencepiece BPE model whose vocabulary merges runs of spaces (`▁▁`, `▁▁▁`), as Llama's does (the toy one
+    does not): BPE over a whole rendered prompt would merge a marker's trailing `▁` with the next piece's dummy
+    prefix, where the official code tokenises the two apart."""
+    rng = np.random.RandomState(0)
+    words = "the a cat dog Human: AI: What is in image picture answer question brief helpful".split()
+    lines = [rng.choice([" ", "  ", "   "]).join(rng.choice(words, 8)) for _ in range(400)]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=300, model_type="bpe", byte_fallback=True,
+        allow_whitespace_only_pieces=True, remove_extra_whitespaces=False, split_by_whitespace=False,
+        normalization_rule_name="identity", character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        minloglevel=2,
+    )
+    path = tmp_path_factory.mktemp("whitespace_vocab") / "tokenizer.model"
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def test_rendered_prompts_give_official_ids_with_a_vocabulary_that_merges_spaces(processor, whitespace_vocab):
+    from honeybee_hf.export.tokenizer import load_backend, save_tokenizer_files
+
+    spm = sentencepiece.SentencePieceProcessor(model_file=str(whitespace_vocab))
+    assert spm.piece_to_id("▁▁") != spm.unk_id()
+    folder = whitespace_vocab.parent / "files"
+    folder.mkdir()
+    save_tokenizer_files(load_backend(whitespace_vocab), folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    proc = HoneybeeProcessor(processor.image_processor, tokenizer, num_query_tokens=NUM_QUERY, num_eos_tokens=NUM_EOS)
+    image_id = proc.image_token_id
+    for text in ["What is in the image?", " a  cat ", "  What", "dog\n", "Human: AI:"]:
+        messages = [user({"type": "image"}, {"type": "text", "text": text}),
+                    {"role": "assistant", "content": text}, user({"type": "text", "text": text})]
+        official_prompt = f"{SYSTEM_PROMPT}{HUMAN}<image>{HUMAN}{text}{AI}{text}{HUMAN}{text}{AI}"
+        ids, _ = official_encode(spm, official_prompt, proc.num_visual_tokens, image_id)
+        rendered = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert tokenizer_ids(proc, rendered) == ids, repr(text)
+        assert proc(text=official_prompt, images=[photo()])["input_ids"][0] == ids, repr(text)
+    tokenizer.backend_tokenizer.pre_tokenizer = None  # without the role-marker pieces, BPE merges across them
+    assert tokenizer_ids(proc, rendered) != ids
+
+
 @pytest.mark.parametrize("text", SPECIAL_IN_TEXT)
 def test_special_token_text_is_split_as_slow_llama(processor, spm, text):
     """The slow tokenizer splits `<s>`, `</s>`, `<unk>` out of the text and runs sentencepiece on each piece."""
@@ -585,6 +628,32 @@ def test_tokenizer_files_load_as_written(processor, spm, tmp_path):
     assert "token_type_ids" not in tokenizer("a b") and tokenizer.padding_side == "left"
 
 
+def test_several_chat_templates_save_and_load(processor, tmp_path):
+    """A dict of named templates, as the library's processors allow: the default in chat_template.jinja, the others
+    in additional_chat_templates/, which both versions' loaders read."""
+    templates = {"default": processor.chat_template, "plain": "{{ bos_token }}{{ messages[0]['content'] }}"}
+    several = HoneybeeProcessor(
+        processor.image_processor, processor.tokenizer, chat_template=templates, num_query_tokens=NUM_QUERY,
+        num_eos_tokens=NUM_EOS,
+    )
+    folder = hub_folder(tmp_path, several, "hb_chat_templates")
+    assert (folder / "additional_chat_templates" / "plain.jinja").read_text() == templates["plain"]
+    loaded = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert loaded.chat_template == templates
+    messages = [{"role": "user", "content": "hi"}]
+    assert loaded.apply_chat_template(messages, chat_template="plain") == "<s>hi"
+    assert loaded.apply_chat_template(messages, add_generation_prompt=True) == (
+        processor.apply_chat_template(messages, add_generation_prompt=True)
+    )
+
+
+def test_processor_kwargs_are_honeybees(processor):
+    """What transformers' generic code reads to route and check options (its processor tests do)."""
+    from honeybee_hf.processing_honeybee import HoneybeeProcessorKwargs
+
+    assert type(processor).valid_processor_kwargs is HoneybeeProcessorKwargs
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 8. call-time options
 
@@ -747,7 +816,7 @@ def test_bad_image_sources_raise_short_errors_naming_the_image(processor, http_s
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 10. chat template for training: assistant masks, captions, the training data renderer
+# 10. chat template for training: assistant masks, captions
 
 
 def official_labels(tensors, case):
@@ -794,69 +863,6 @@ def test_caption_messages_render_the_pre_training_format(processor, toy):
     out = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     assert out["input_ids"][0] == official_ids(tensors["case3.input_ids"], processor).tolist()
     assert out["assistant_masks"][0] == official_labels(tensors, 3)
-
-
-def llava_record_to_messages(record, system_prompt=SYSTEM_PROMPT):
-    """The test's own reading of a LLaVA record as chat messages: each `<image>` of a human turn is an image item
-    ahead of that turn's remaining text; images without any `<image>` go to the first human turn."""
-    if "caption" in record:
-        return [{"role": "system", "content": [{"type": "text", "text": "[NO_PROMPT]"}]}, user({"type": "image"}),
-                {"role": "assistant", "content": [{"type": "text", "text": record["caption"]}]}]
-    turns = list(record["conversations"])
-    if turns[0]["from"] == "system":
-        system_prompt = turns.pop(0)["value"]
-    images = record.get("image", [])
-    images = [images] if isinstance(images, str) else images
-    if images and not any("<image>" in t["value"] for t in turns):
-        turns[0] = {**turns[0], "value": "<image>" * len(images) + turns[0]["value"]}
-    messages = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}]
-    for turn in turns:
-        if turn["from"] == "gpt":
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": turn["value"].strip()}]})
-            continue
-        pieces = turn["value"].split("<image>")
-        rest = "\n".join(p.strip() for p in pieces if p.strip())
-        content = [{"type": "image"}] * (len(pieces) - 1) + ([{"type": "text", "text": rest}] if rest else [])
-        messages.append({"role": "user", "content": content})
-    return messages
-
-
-def test_training_data_and_chat_template_agree(processor, tmp_path):
-    """train/data.py's samples (ids, labels) equal the chat template's (ids, assistant mask) on the same data."""
-    from honeybee_hf.train.data import HoneybeeConversationDataset
-
-    records = [
-        {"image": ["ca.jpeg", "titanic.jpeg"], "conversations": [  # multi-turn, an image per turn
-            {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A map."},
-            {"from": "human", "value": "And this one?\n<image>"}, {"from": "gpt", "value": " A  ship. "}]},
-        {"image": ["ca.jpeg", "laundry.jpeg"], "conversations": [  # two images in one turn
-            {"from": "human", "value": "<image><image>\nCompare them."}, {"from": "gpt", "value": "Different."}]},
-        {"image": "mug_ad.jpeg", "conversations": [  # a system turn; the image has no <image> placeholder
-            {"from": "system", "value": "Be brief."}, {"from": "human", "value": "What?"},
-            {"from": "gpt", "value": "A mug."}]},
-        {"conversations": [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "Hello."}]},
-        {"image": "titanic.jpeg", "caption": "Two people on a ship."},  # the pre-training caption format
-    ]
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    dataset = HoneybeeConversationDataset(data, processor, image_root=REPO_ROOT / "assets" / "images")
-    assert len(dataset) == len(records)
-    for index, record in enumerate(records):
-        sample = dataset[index]
-        messages = llava_record_to_messages(record)
-        items = [item for m in messages if isinstance(m["content"], list) for item in m["content"]]
-        count = sum(item["type"] == "image" for item in items)
-        images = [photo(k) for k in range(count)]
-        with_images = [  # the images themselves, in order, as the chat format carries them
-            {**m, "content": [dict(item, image=images.pop(0)) if item["type"] == "image" else item
-                              for item in m["content"]]} if isinstance(m["content"], list) else m
-            for m in messages
-        ]
-        out = processor.apply_chat_template(
-            with_images, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-        )
-        assert out["input_ids"][0] == sample["input_ids"], index
-        assert out["assistant_masks"][0] == [int(label != -100) for label in sample["labels"]], index
 
 
 # ---------------------------------------------------------------------------------------------------------------
