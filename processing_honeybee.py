@@ -1,15 +1,17 @@
-"""Honeybee processor and captioning pipeline (arXiv 2312.06742; official code github.com/kakaobrain/honeybee).
+"""Honeybee processor (arXiv 2312.06742; official code github.com/kakaobrain/honeybee), built like transformers'
+LLaVA: the chat template renders the official prompt, the processor expands each `<image>` into the model's
+placeholder tokens and assembles the pixels, the tokenizer tokenizes, pads and truncates.
 
-Images: the official squash resize (bicubic to S×S, no crop), CLIP mean/std, via `CLIPImageProcessor`.
-Text: the official prompt format, tokenised exactly as the official code does (HEAD, §5.2 of our notes): the prompt
-is split at `<image>`, "\nHuman: " and "\nAI: ", each piece is tokenised on its own with sentencepiece's dummy
-prefix, every answer after "\nAI: " ends with `</s>`, and each `<image>` becomes `num_query_tokens +
-num_eos_tokens` placeholder ids that the model overwrites with visual tokens.
+The official code tokenizes a prompt in pieces, split at `<image>`, "\nHuman: " and "\nAI: ", each piece with
+sentencepiece's dummy prefix, and ends every answer with `</s>`. The text the chat template renders carries that
+itself: a space where each piece's dummy prefix goes (none after a special token, where the tokenizer adds it) and
+the `</s>`s; the tokenizer's front end (export/tokenizer.py) keeps each role marker a piece of its own. So the plain
+tokenizer on the rendered text gives the official ids, for this processor, vLLM, TRL and any chat client alike.
 """
 
 import base64
 import binascii
-import copy
+import bisect
 import json
 import os
 import re
@@ -19,90 +21,95 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 from PIL import Image, ImageOps
-from tokenizers import Tokenizer, normalizers
-from transformers import BatchFeature, Pipeline
+from transformers import BatchFeature
 from transformers.dynamic_module_utils import custom_object_save
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, load_image
+from transformers.image_utils import load_image
 from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, TextKwargs, Unpack
 
-_TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+from .transformers_compat import (
+    image_processor_file,
+    pil_clip_image_processor_class,
+    processor_class_attributes,
+    processor_level_text_options,
+    tokenizer_files,
+)
 
+IMAGE_TOKEN = "<image>"
 SYSTEM_PROMPT = (
     "The following is a conversation between a curious human and AI assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 HUMAN, AI = "\nHuman: ", "\nAI: "
-NO_PROMPT = "[NO_PROMPT] <image> "  # pre-training captions: <s> <image> caption </s>
-CAPTION_QUESTION = "Describe the image briefly."
+NO_PROMPT = "[NO_PROMPT]"  # the system message of the official pre-training caption format
+CAPTION_PROMPT = f"{NO_PROMPT} {IMAGE_TOKEN} "  # what precedes the caption in that format: <s> <image> caption </s>
 
-# Renders chat messages in the official prompt format:
-#   <s>{system}\nHuman: <image>\nHuman: {question}\nAI: {answer}</s>\nHuman: ...
+# Renders chat messages as the official prompt, tokenizer-ready (see the module docstring):
+#   <s>{system} \nHuman: <image>\nHuman:  {question} \nAI:  {answer}</s>\nHuman: ...
 # A system message replaces the default system prompt; the system message "[NO_PROMPT]" renders the official
-# pre-training caption format instead: <s>[NO_PROMPT] <image> {caption}</s>. Each answer and its `</s>` sit in a
-# `{% generation %}` block, which is exactly what the official training loss supervises.
-CHAT_TEMPLATE = (
+# pre-training caption format, `<s><image>{caption}</s>` (the official code drops the "[NO_PROMPT] " text). Each
+# answer, its dummy-prefix space and its `</s>` sit in a `{% generation %}` block: what the official loss supervises.
+# A piece gets no space after a special token or when it starts with one (`state.bare`, `edge.starts`): the
+# tokenizer adds no dummy prefix there.
+# In `_TEMPLATE`, `@NAME@` stands for the constant of that name; `@EDGES@` sets edge.starts / edge.ends: whether
+# `text` starts / ends with a special token.
+_TEMPLATE = (
     "{{- bos_token -}}"
-    "{%- set system = namespace(text='" + SYSTEM_PROMPT.replace("'", "\\'") + "') -%}"
+    "{%- set specials = [bos_token, eos_token, unk_token, '@IMAGE_TOKEN@'] | select('string') | list -%}"
+    "{%- set state = namespace(system='@SYSTEM_PROMPT@', bare=true) -%}"
     "{%- for m in messages if m['role'] == 'system' -%}"
-    "{%- set system.text = m['content'] if m['content'] is string else "
+    "{%- set state.system = m['content'] if m['content'] is string else "
     "(m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ')) -%}"
     "{%- endfor -%}"
     "{%- set turns = messages | rejectattr('role', 'equalto', 'system') | list -%}"
-    "{%- if system.text == '[NO_PROMPT]' -%}"
+    "{%- if state.system == '@NO_PROMPT@' -%}"
     "{%- if turns | length != 2 or turns[0]['role'] != 'user' or turns[1]['role'] != 'assistant' -%}"
-    "{{- raise_exception('[NO_PROMPT] (a pre-training caption) takes one user turn with one image and one "
+    "{{- raise_exception('@NO_PROMPT@ (a pre-training caption) takes one user turn with one image and one "
     "assistant turn with the caption') -}}"
     "{%- endif -%}"
     "{%- set caption = turns[1]['content'] if turns[1]['content'] is string else "
     "(turns[1]['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) -%}"
-    "{{- '[NO_PROMPT] <image> ' -}}{%- generation -%}{{- caption + eos_token -}}{%- endgeneration -%}"
+    "{{- '@IMAGE_TOKEN@' -}}{%- generation -%}{{- caption + eos_token -}}{%- endgeneration -%}"
     "{%- else -%}"
-    "{{- system.text -}}"
+    "{%- set text = state.system -%}@EDGES@{{- text -}}{%- set state.bare = text == '' or edge.ends -%}"
     "{%- for m in turns -%}"
     "{%- set items = [{'type': 'text', 'text': m['content']}] if m['content'] is string else m['content'] -%}"
     "{%- if m['role'] == 'user' -%}"
-    "{%- for item in items -%}"
-    "{%- if item['type'] == 'image' -%}{{- '\\nHuman: <image>' -}}"
-    "{%- elif item['type'] == 'text' -%}{{- '\\nHuman: ' + item['text'] -}}{%- endif -%}"
+    "{%- for item in items if item['type'] in ('image', 'text') -%}"
+    "{{- '' if state.bare else ' ' -}}"
+    "{%- if item['type'] == 'image' -%}{{- '@HUMAN@@IMAGE_TOKEN@' -}}{%- set state.bare = true -%}"
+    "{%- else -%}"
+    "{%- set text = item['text'] -%}@EDGES@"
+    "{{- '@HUMAN@' + (('' if edge.starts else ' ') + text if text else '') -}}"
+    "{%- set state.bare = text != '' and edge.ends -%}"
+    "{%- endif -%}"
     "{%- endfor -%}"
     "{%- elif m['role'] == 'assistant' -%}"
-    "{{- '\\nAI: ' -}}{%- generation -%}"
-    "{%- for item in items if item['type'] == 'text' -%}{{- item['text'] -}}{%- endfor -%}{{- eos_token -}}"
-    "{%- endgeneration -%}"
+    "{%- set text = items | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') -%}@EDGES@"
+    "{{- ('' if state.bare else ' ') + '@AI@' -}}"
+    "{%- generation -%}{{- (('' if edge.starts else ' ') + text if text else '') + eos_token -}}{%- endgeneration -%}"
+    "{%- set state.bare = true -%}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '\\nAI: ' -}}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{- ('' if state.bare else ' ') + '@AI@' -}}{%- endif -%}"
     "{%- endif -%}"
 )
+_TEMPLATE_CONSTANTS = {
+    "@EDGES@": "{%- set edge = namespace(starts=false, ends=false) -%}"
+    "{%- for special in specials if text.startswith(special) -%}{%- set edge.starts = true -%}{%- endfor -%}"
+    "{%- for special in specials if text.endswith(special) -%}{%- set edge.ends = true -%}{%- endfor -%}",
+    "@IMAGE_TOKEN@": IMAGE_TOKEN,
+    "@SYSTEM_PROMPT@": SYSTEM_PROMPT.replace("'", "\\'"),
+    "@NO_PROMPT@": NO_PROMPT,
+    "@HUMAN@": HUMAN.replace("\n", "\\n"),
+    "@AI@": AI.replace("\n", "\\n"),
+}
+CHAT_TEMPLATE = re.sub("|".join(_TEMPLATE_CONSTANTS), lambda m: _TEMPLATE_CONSTANTS[m.group()], _TEMPLATE)
 
 # http(s) images are fetched by transformers' `load_image` (as its pipelines do); a server that does not answer
 # must not hang a training run.
 IMAGE_URL_TIMEOUT = 30.0
 _BASE64 = re.compile(r"[A-Za-z0-9+/=\s]{64,}")
-
-
-# transformers 5 names its torchvision-backed processor `CLIPImageProcessor` whenever torchvision is installed; its
-# bicubic resize differs slightly from PIL's, which the official pipeline (and so the model's training) used.
-# (Looked up lazily by name: importing `CLIPImageProcessor` on 5.x without torchvision logs a fallback warning.)
-PilCLIPImageProcessor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-
-
-def honeybee_image_processor(image_size=224):
-    """CLIP normalisation after the official squash resize: PIL bicubic to image_size×image_size, no crop."""
-    return PilCLIPImageProcessor(
-        do_resize=True,
-        size={"height": image_size, "width": image_size},
-        resample=3,  # PIL bicubic, as torchvision's Resize in the official pipeline
-        do_center_crop=False,
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=OPENAI_CLIP_MEAN,
-        image_std=OPENAI_CLIP_STD,
-        do_convert_rgb=True,
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,35 +200,7 @@ def load_rgb_image(image, where="image"):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tokenizer and files
-
-
-def sentencepiece_front_end():
-    """sentencepiece's legacy Llama front end as a `tokenizers` normalizer: a `▁` before each piece of text between
-    special tokens, every space as `▁` (no pre-tokenizer). The official code tokenises with it."""
-    return normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-
-
-def with_sentencepiece_front_end(tokenizer):
-    """`tokenizer`, or a copy with the legacy sentencepiece front end if it was given a Metaspace one.
-
-    Folders written before the tokenizer files named `PreTrainedTokenizerFast` name `LlamaTokenizerFast`, which
-    transformers 5 rebuilds with a Metaspace pre-tokenizer whatever tokenizer.json says; Metaspace skips the dummy
-    prefix when a piece starts with a space, so ids differ from the official ones (leading or double spaces, text
-    after `<image>`). Such tokenizers get the official front end back; any other tokenizer is left alone.
-    """
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    pre_tokenizer = json.loads(backend.to_str()).get("pre_tokenizer") if backend is not None else None
-    if not pre_tokenizer or pre_tokenizer.get("type") != "Metaspace":
-        return tokenizer
-    tokenizer = copy.deepcopy(tokenizer)  # the caller's object keeps its pipeline
-    tokenizer.backend_tokenizer.normalizer = sentencepiece_front_end()
-    tokenizer.backend_tokenizer.pre_tokenizer = None
-    return tokenizer
-
-
-def _json(data):
-    return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+# Processor
 
 
 def write_text_atomic(path, text):
@@ -238,81 +217,6 @@ def write_text_atomic(path, text):
         raise
 
 
-# Call-time text options the library's tokenizers keep in tokenizer_config.json and processors apply as defaults.
-_SAVED_TEXT_DEFAULTS = ("padding", "max_length", "truncation", "pad_to_multiple_of")
-
-
-def tokenizer_files(tokenizer, processor_class=None):
-    """{file name: text} of tokenizer.json, tokenizer_config.json and special_tokens_map.json that transformers 4.57
-    and 5.x both load as written, whichever version runs this.
-
-    `tokenizer_class` is `PreTrainedTokenizerFast`, which both versions build from tokenizer.json unchanged (a Llama
-    class would be rebuilt by 5.x, see `with_sentencepiece_front_end`); only keys both versions read are written
-    (5.x's own `save_pretrained` writes `extra_special_tokens` as a list, which 4.57 cannot load).
-    """
-    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-    backend.no_padding()  # call-time settings a fast tokenizer may have left on its backend
-    backend.no_truncation()
-    named = {name: getattr(tokenizer, name) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
-    added = tokenizer.added_tokens_decoder
-    extra = [t.content for t in added.values() if t.special and t.content not in named.values()]
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **{name: token for name, token in named.items() if token is not None},
-        "additional_special_tokens": extra,
-        "added_tokens_decoder": {
-            str(i): {
-                "content": t.content,
-                "lstrip": t.lstrip,
-                "normalized": t.normalized,
-                "rstrip": t.rstrip,
-                "single_word": t.single_word,
-                "special": t.special,
-            }
-            for i, t in sorted(added.items())
-        },
-        "padding_side": tokenizer.padding_side,
-        "truncation_side": tokenizer.truncation_side,
-        "model_max_length": tokenizer.model_max_length,
-        "model_input_names": ["input_ids", "attention_mask"],  # PreTrainedTokenizerFast of 4.x adds token_type_ids
-        "clean_up_tokenization_spaces": False,
-        **{k: tokenizer.init_kwargs[k] for k in _SAVED_TEXT_DEFAULTS if tokenizer.init_kwargs.get(k) is not None},
-    }
-    if processor_class is not None:
-        config["processor_class"] = processor_class
-    specials = {name: token for name, token in named.items() if token is not None}
-    specials["additional_special_tokens"] = extra
-    return {
-        "tokenizer.json": backend.to_str(pretty=True),
-        "tokenizer_config.json": _json(config),
-        "special_tokens_map.json": _json(specials),
-    }
-
-
-def image_processor_config(image_processor, processor_class):
-    """preprocessor_config.json as both versions read it (5.x would nest it in processor_config.json)."""
-    config = {
-        "image_processor_type": "CLIPImageProcessor",
-        "processor_class": processor_class,
-        **{
-            key: getattr(image_processor, key)
-            for key in ("do_resize", "do_center_crop", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb")
-        },
-        "resample": int(image_processor.resample),
-        "image_mean": [float(x) for x in image_processor.image_mean],
-        "image_std": [float(x) for x in image_processor.image_std],
-    }
-    for key in ("size", "crop_size"):
-        value = getattr(image_processor, key, None)
-        if value is not None:
-            config[key] = {k: v for k, v in dict(value).items() if v is not None}
-    return config
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Processor
-
-
 class HoneybeeTextKwargs(TextKwargs, total=False):
     return_labels: bool  # the official training labels (answers and their `</s>`; -100 elsewhere)
     return_text_replacement_offsets: bool  # a processor option of transformers 5; 4.57 does not know it
@@ -323,7 +227,8 @@ class HoneybeeProcessorKwargs(ProcessingKwargs, total=False):
     _defaults = {"text_kwargs": {"padding": True}}
 
 
-# Tokenizer options HoneybeeProcessor cannot honour: refused rather than ignored.
+# Tokenizer options that would pair, split or overflow texts, which the `<image>` expansion cannot follow: refused
+# rather than ignored.
 _UNSUPPORTED_TEXT_OPTIONS = (
     "text_pair",
     "text_target",
@@ -338,26 +243,26 @@ _UNSUPPORTED_TEXT_OPTIONS = (
 class HoneybeeProcessor(ProcessorMixin):
     r"""Turns images and prompts into `input_ids`, `attention_mask` and `pixel_values` for Honeybee.
 
-    A text is either a full prompt in the official format (it contains `<image>` or "\nHuman: "; `apply_chat_template`
-    renders one from chat messages), or a bare question, which is wrapped in the official inference template with one
-    `<image>` per image of its sample: `"{SYSTEM}\nHuman: <image>\nHuman: {question}\nAI: "`. Batches are padded on
-    the tokenizer's side (left, for generation).
+    A text is one of: a prompt rendered by `apply_chat_template` (it starts with `<s>`), which goes to the tokenizer
+    as it is; a prompt in the official format (it contains `<image>` or "\nHuman: ", as the official code takes it),
+    which gets each piece's dummy-prefix space and each answer's `</s>` written in first; or a bare question, which
+    the chat template renders as one user turn with one `<image>` per image of its sample and the generation prompt.
+    Without `return_labels` an official prompt's final answer is left open for generation (its `</s>` is not added),
+    as the official inference does. Batches are padded on the tokenizer's side (left, for generation).
 
     Options are routed as transformers' processors route them: flat or in `text_kwargs`/`images_kwargs` (the same
-    option in both raises), over the tokenizer's saved defaults. Text options: `padding` (default True), `max_length`,
-    `truncation`, `pad_to_multiple_of`, `padding_side`, `add_special_tokens`, `return_attention_mask`,
-    `return_offsets_mapping`, `return_length`, `return_mm_token_type_ids`, `return_text_replacement_offsets`,
-    `return_labels` (the official training labels); image options go to the image processor (`do_normalize`, ...).
+    option in both raises), over the tokenizer's saved defaults. Text options go to the tokenizer (`padding`, default
+    True, `max_length`, `truncation`, which never cuts an image's placeholders, ...), plus `return_mm_token_type_ids`,
+    `return_text_replacement_offsets` and `return_labels` (the official training labels); image options go to the
+    image processor (`do_normalize`, ...).
 
     Args:
         image_processor (`CLIPImageProcessor`), tokenizer (Llama sentencepiece tokenizer with `<image>` added),
-        chat_template (`str`), num_query_tokens (`int`): M, num_eos_tokens (`int`), image_token (`str`).
+        chat_template (`str`, or a dict of named templates), num_query_tokens (`int`): M, num_eos_tokens (`int`),
+        image_token (`str`).
     """
 
-    if _TRANSFORMERS_MAJOR < 5:  # transformers 4 finds the parts through these; 5 reads __init__ and warns on them
-        attributes = ["image_processor", "tokenizer"]
-        image_processor_class = "AutoImageProcessor"
-        tokenizer_class = "AutoTokenizer"
+    valid_processor_kwargs = HoneybeeProcessorKwargs
 
     def __init__(
         self,
@@ -366,16 +271,15 @@ class HoneybeeProcessor(ProcessorMixin):
         chat_template=None,
         num_query_tokens=144,
         num_eos_tokens=0,
-        image_token="<image>",
+        image_token=IMAGE_TOKEN,
         **kwargs,
     ):
         self.num_query_tokens = num_query_tokens
         self.num_eos_tokens = num_eos_tokens
         self.image_token = image_token
-        if image_processor is not None and not isinstance(image_processor, PilCLIPImageProcessor):
-            image_processor = PilCLIPImageProcessor(**image_processor.to_dict())  # keep the official PIL resize
-        if tokenizer is not None:
-            tokenizer = with_sentencepiece_front_end(tokenizer)
+        pil_class = pil_clip_image_processor_class()
+        if image_processor is not None and not isinstance(image_processor, pil_class):
+            image_processor = pil_class(**image_processor.to_dict())  # keep the official PIL resize
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
 
     @property
@@ -402,91 +306,145 @@ class HoneybeeProcessor(ProcessorMixin):
     # -----------------------------------------------------------------------------------------------------------
     # text
 
-    def _chunks(self, prompt, start):
-        """(begin, end, kind) of the pieces the official code tokenises one by one; kind: image, text or answer."""
-        if prompt.startswith(NO_PROMPT, start):  # the official pre-training format
-            image = start + NO_PROMPT.index(self.image_token)
-            return [(image, image + len(self.image_token), "image"), (start + len(NO_PROMPT), len(prompt), "answer")]
-        pattern = "|".join(map(re.escape, [self.image_token, AI, HUMAN]))
-        bounds, position = [], start
-        for match in re.finditer(pattern, prompt[start:]):
-            begin, end = start + match.start(), start + match.end()
-            if begin > position:
-                bounds.append((position, begin))
-            bounds.append((begin, end))
-            position = end
-        if position < len(prompt):
-            bounds.append((position, len(prompt)))
-        chunks = []
-        for i, (begin, end) in enumerate(bounds):
-            text = prompt[begin:end]
-            after_ai = i > 0 and prompt[bounds[i - 1][0] : bounds[i - 1][1]] == AI
-            chunks.append((begin, end, "image" if text == self.image_token else "answer" if after_ai else "text"))
-        return chunks
+    def _is_bare_question(self, text):
+        return not (self.image_token in text or HUMAN in text or AI in text)
 
-    def _encode(self, prompt, add_special_tokens=True, expand_offsets=False):
-        """One prompt -> dict of `ids`, `labels` mask (1 where the official training loss applies: answers and their
-        `</s>`), char `offsets` per token, `open_eos` (the final `</s>` was added, not written in the prompt) and the
-        `replacements` of its `<image>`s. Offsets index the prompt, or with `expand_offsets` the prompt with every
-        `<image>` replaced by its placeholders (transformers 5 shifts assistant spans by the replacements)."""
-        tok = self.tokenizer
-        bos, eos, eos_id = tok.bos_token, tok.eos_token, tok.eos_token_id
-        ids, mask, offsets, start = [], [], [], 0
-        if bos is not None and prompt.startswith(bos):  # written by the chat template: never a second one
-            ids, mask, offsets, start = [tok.bos_token_id], [0], [(0, len(bos))], len(bos)
-        elif add_special_tokens and tok.bos_token_id is not None:
-            ids, mask, offsets = [tok.bos_token_id], [0], [(0, 0)]
-        chunks = self._chunks(prompt, start)
-        texts = [prompt[b:e] for b, e, kind in chunks if kind != "image"]
-        batch = tok(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None
-        encoded = iter(zip(batch["input_ids"], batch["offset_mapping"]) if texts else [])
-        replacement = self.replace_image_token()
-        gain, replacements, open_eos = 0, [], False
-        for begin, end, kind in chunks:
-            if kind == "image":
-                n, width = self.num_visual_tokens, len(self.image_token)
-                ids += [self.image_token_id] * n
-                mask += [0] * n
-                new_begin = begin + gain
-                if expand_offsets:
-                    offsets += [(new_begin + k * width, new_begin + (k + 1) * width) for k in range(n)]
-                else:
-                    offsets += [(begin, end)] * n
-                replacements.append(
+    def _tokenizer_text(self, text, num_images, close_answers):
+        """A text of any of the three kinds -> (the tokenizer-ready prompt, the (start, end) of each answer in it)."""
+        bos, eos = self.tokenizer.bos_token, self.tokenizer.eos_token
+        if self._is_bare_question(text):
+            content = [{"type": "image"}] * num_images + ([{"type": "text", "text": text}] if text else [])
+            rendered = self.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+            return rendered[len(bos) :] if bos and rendered.startswith(bos) else rendered, []
+        if bos and text.startswith(bos):  # rendered by the chat template: answers end with `</s>` (or the text)
+            spans, done = [], 0
+            ends = [(m.end(), True) for m in re.finditer(re.escape(eos), text)] + [(len(text), False)]
+            for end, closed in ends:
+                head = text[done:end]  # an answer follows the last "\nAI: " (a caption: the `<image>`)
+                marker, image = head.rfind(AI), head.rfind(self.image_token)
+                if marker >= 0:
+                    spans.append((done + marker + len(AI), end))
+                elif closed and image >= 0:
+                    spans.append((done + image + len(self.image_token), end))
+                done = end
+            return text, spans
+        if text.startswith(CAPTION_PROMPT):  # the official pre-training format drops "[NO_PROMPT] "
+            pieces = [self.image_token, text[len(CAPTION_PROMPT) :]]
+            previous_of = {1: AI}
+        else:
+            pieces = [
+                p for p in re.split(f"({re.escape(self.image_token)}|{re.escape(AI)}|{re.escape(HUMAN)})", text) if p
+            ]
+            previous_of = {i: pieces[i - 1] for i in range(1, len(pieces))}
+        specials = tuple(self.tokenizer.all_special_tokens)
+        prompt, spans = "", []
+        for i, piece in enumerate(pieces):
+            start = len(prompt)
+            if prompt and not prompt.endswith(specials) and not piece.startswith(specials):
+                prompt += " "  # sentencepiece's dummy prefix of this piece
+            prompt += piece
+            if previous_of.get(i) == AI and piece != self.image_token:
+                if not piece.endswith(eos) and (close_answers or i < len(pieces) - 1):
+                    prompt += eos  # the official code ends every answer with </s>
+                spans.append((start, len(prompt)))
+        return prompt, spans
+
+    def _text_features(
+        self,
+        texts,
+        images_per_text,
+        add_special_tokens=True,
+        truncation=None,
+        max_length=None,
+        return_attention_mask=None,
+        return_offsets_mapping=False,
+        return_length=False,
+        return_labels=False,
+        return_mm_token_type_ids=False,
+        return_text_replacement_offsets=False,
+        return_token_type_ids=None,  # never returned: transformers 4's generate rejects them
+        **tokenizer_options,
+    ):
+        """Tokenizer-ready prompts, `<image>` expanded, through the tokenizer; then labels, offsets and the image
+        replacements the options ask for. Offsets index each text as given (`<image>` unexpanded), or with
+        `return_text_replacement_offsets` the text with every `<image>` expanded (transformers 5 shifts the assistant
+        spans by the replacements)."""
+        refused = [k for k, v in tokenizer_options.items() if k in _UNSUPPORTED_TEXT_OPTIONS and v]
+        if refused:
+            raise ValueError(f"HoneybeeProcessor does not support {', '.join(refused)}; tokenize such text yourself")
+        tok, image, replacement = self.tokenizer, self.image_token, self.replace_image_token()
+        prompts = [self._tokenizer_text(t, n, return_labels) for t, n in zip(texts, images_per_text)]
+        # The tokenizer adds `<s>` as text here, never a second one after the chat template's.
+        bos = tok.bos_token if add_special_tokens is not False and tok.bos_token_id is not None else ""
+        prefixes = ["" if text.startswith(bos) else bos for text, _ in prompts]
+        encoded = tok(
+            [prefix + text.replace(image, replacement) for prefix, (text, _) in zip(prefixes, prompts)],
+            add_special_tokens=False,
+            truncation=truncation,
+            max_length=max_length,
+            return_offsets_mapping=True,
+            return_attention_mask=True,
+            return_token_type_ids=False,
+            **tokenizer_options,
+        )
+        features = {"input_ids": encoded["input_ids"]}
+        if return_attention_mask is not False:
+            features["attention_mask"] = encoded["attention_mask"]
+        if return_length:
+            features["length"] = [sum(mask) for mask in encoded["attention_mask"]]
+        if return_mm_token_type_ids:
+            features["mm_token_type_ids"] = [
+                [int(i == self.image_token_id) for i in ids] for ids in encoded["input_ids"]
+            ]
+        labels, offsets, replacements = [], [], []
+        for ids, token_offsets, prefix, (text, answers) in zip(
+            encoded["input_ids"], encoded["offset_mapping"], prefixes, prompts
+        ):
+            if truncation not in (None, False, "do_not_truncate") and ids.count(self.image_token_id) < (
+                text.count(image) * self.num_visual_tokens
+            ):
+                raise ValueError(
+                    f"max_length={max_length or tok.model_max_length} would cut an image's {self.num_visual_tokens} "
+                    "placeholder tokens out of the prompt; raise max_length or shorten the text"
+                )
+            images = [m.start() for m in re.finditer(re.escape(image), text)]
+            gain = len(replacement) - len(image)
+            replacements.append(
+                [
                     {
                         "type": "image",
-                        "span": (begin, end),
-                        "new_span": (new_begin, new_begin + len(replacement)),
-                        "text": self.image_token,
+                        "span": (p, p + len(image)),
+                        "new_span": (p + k * gain, p + k * gain + len(replacement)),
+                        "text": image,
                         "replacement": replacement,
                     }
+                    for k, p in enumerate(images)
+                ]
+            )
+            shifted = [(max(s - len(prefix), 0), max(e - len(prefix), 0)) for s, e in token_offsets]
+            if return_labels:
+                wide = [(_expanded(s, images, gain), _expanded(e, images, gain)) for s, e in answers]
+                labels.append(
+                    [
+                        i if any(s < end and e > start for start, end in wide) else -100
+                        for i, (s, e) in zip(ids, shifted)
+                    ]
                 )
-                gain += len(replacement) - (end - begin)
-                continue
-            piece, piece_offsets = next(encoded)
-            label = int(kind == "answer")
-            ids += piece
-            mask += [label] * len(piece)
-            shift = begin + (gain if expand_offsets else 0)
-            offsets += [(shift + s, shift + e) for s, e in piece_offsets]
-            open_eos = kind == "answer" and not prompt[begin:end].endswith(eos)
-            if open_eos:  # the official code ends every answer with </s>
-                ids.append(eos_id)
-                mask.append(1)
-                offsets.append((shift + end - begin, shift + end - begin))
-        return {"ids": ids, "labels": mask, "offsets": offsets, "open_eos": open_eos, "replacements": replacements}
+            if not return_text_replacement_offsets:
+                shifted = [_unexpanded(o, images, len(image), len(replacement)) for o in shifted]
+            offsets.append(shifted)
+        if return_labels:
+            features["labels"] = labels
+        if return_offsets_mapping:
+            features["offset_mapping"] = offsets
+        return features, (replacements if return_text_replacement_offsets else None)
 
     def encode_prompt(self, prompt, add_bos=True):
         """Token ids of one prompt and, for each id, 1 where the official training loss applies (answers + `</s>`)."""
-        encoded = self._encode(prompt, add_special_tokens=add_bos)
-        return encoded["ids"], encoded["labels"]
-
-    def _is_bare_question(self, text):
-        return not (self.image_token in text or HUMAN in text or AI in text or NO_PROMPT in text)
-
-    def _wrap_question(self, text, num_images):
-        question = HUMAN + text if text else ""
-        return SYSTEM_PROMPT + (HUMAN + self.image_token) * num_images + question + AI
+        features, _ = self._text_features(
+            [prompt], [prompt.count(self.image_token)], add_special_tokens=add_bos, return_labels=True, padding=False
+        )
+        return features["input_ids"][0], [int(label != -100) for label in features["labels"][0]]
 
     def _images_per_text(self, texts, images):
         """Split `images` (None, an image, a flat list, or one list per text) into one list per text."""
@@ -524,12 +482,11 @@ class HoneybeeProcessor(ProcessorMixin):
 
     def __call__(self, images=None, text=None, audio=None, videos=None, **kwargs: Unpack[HoneybeeProcessorKwargs]):
         """`text`: a prompt or a list of prompts (see the class docstring); `images`: an image, a list, or one list
-        per prompt. Without `return_labels` a prompt's final answer is left open for generation (its `</s>` is not
-        added), as the official inference does; a `</s>` written in the prompt (the chat template's) is kept."""
+        per prompt."""
         if images is None and text is None:
             raise ValueError("give images, text, or both")
         options = self._merge_kwargs(
-            HoneybeeProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+            self.valid_processor_kwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
         )
         text_options, image_options = dict(options["text_kwargs"]), dict(options["images_kwargs"])
         return_tensors = text_options.pop("return_tensors", None) or image_options.get("return_tensors")
@@ -542,18 +499,14 @@ class HoneybeeProcessor(ProcessorMixin):
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("text must be a string or a list of strings")
         per_text = self._images_per_text(texts, images)
-        prompts = []
         for t, imgs in zip(texts, per_text):
-            prompt = self._wrap_question(t, len(imgs)) if self._is_bare_question(t) else t
-            if prompt.count(self.image_token) != len(imgs):
+            if not self._is_bare_question(t) and t.count(self.image_token) != len(imgs):
                 raise ValueError(
-                    f"prompt {prompt[:80]!r}{'…' if len(prompt) > 80 else ''} holds {prompt.count(self.image_token)} "
+                    f"prompt {t[:80]!r}{'…' if len(t) > 80 else ''} holds {t.count(self.image_token)} "
                     f"{self.image_token} tokens but {len(imgs)} images were given for it"
                 )
-            prompts.append(prompt)
-        for key in (k for k in ("return_mm_token_type_ids", "return_text_replacement_offsets") if k in options):
-            text_options.setdefault(key, options[key])  # processor-level options on transformers 5
-        features, replacements = self._text_features(prompts, **text_options)
+        text_options = {**processor_level_text_options(options), **text_options}
+        features, replacements = self._text_features(texts, [len(imgs) for imgs in per_text], **text_options)
         flat = [img for imgs in per_text for img in imgs]
         if flat:
             features.update(self._pixel_values(flat, image_options))
@@ -561,85 +514,6 @@ class HoneybeeProcessor(ProcessorMixin):
         if replacements is not None:  # a list of dicts per prompt: set after the tensor conversion
             batch["text_replacement_offsets"] = replacements
         return batch
-
-    def _text_features(
-        self,
-        prompts,
-        padding=True,
-        max_length=None,
-        truncation=None,
-        pad_to_multiple_of=None,
-        padding_side=None,
-        add_special_tokens=True,
-        return_attention_mask=None,
-        return_offsets_mapping=False,
-        return_length=False,
-        return_mm_token_type_ids=False,
-        return_text_replacement_offsets=False,
-        return_labels=False,
-        return_token_type_ids=None,  # never returned: transformers 4's generate rejects them
-        verbose=None,
-        **unsupported,
-    ):
-        refused = {k: v for k, v in unsupported.items() if k in _UNSUPPORTED_TEXT_OPTIONS and v}
-        if refused:
-            raise ValueError(f"HoneybeeProcessor does not support {', '.join(refused)}; tokenize such text yourself")
-        tok = self.tokenizer
-        encoded = [
-            self._encode(p, add_special_tokens is not False, expand_offsets=bool(return_text_replacement_offsets))
-            for p in prompts
-        ]
-        if not return_labels:
-            # As the official inference processor (no_eos=True): an answer that ends the prompt is left open, so that
-            # generation continues it; answers inside the prompt keep their `</s>`.
-            for e in encoded:
-                if e["open_eos"]:
-                    for key in ("ids", "labels", "offsets"):
-                        e[key] = e[key][:-1]
-        padding = getattr(padding, "value", padding)  # a PaddingStrategy
-        truncation = getattr(truncation, "value", truncation)
-        if (truncation not in (None, False, "do_not_truncate") or padding == "max_length") and max_length is None:
-            max_length = tok.model_max_length
-        if truncation not in (None, False, "do_not_truncate"):
-            encoded = [self._truncate(e, max_length) for e in encoded]
-        length = max(len(e["ids"]) for e in encoded)
-        if padding == "max_length":
-            length = max(length, max_length)
-        if pad_to_multiple_of:
-            length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
-        pad = padding not in (False, None, "do_not_pad")
-        side = padding_side or tok.padding_side
-        columns = {"input_ids": (lambda e: e["ids"], tok.pad_token_id)}
-        if return_attention_mask is not False:
-            columns["attention_mask"] = (lambda e: [1] * len(e["ids"]), 0)
-        if return_labels:
-            columns["labels"] = (lambda e: [i if m else -100 for i, m in zip(e["ids"], e["labels"])], -100)
-        if return_offsets_mapping:
-            columns["offset_mapping"] = (lambda e: e["offsets"], (0, 0))
-        if return_mm_token_type_ids:
-            columns["mm_token_type_ids"] = (lambda e: [int(i == self.image_token_id) for i in e["ids"]], 0)
-        features = {}
-        for name, (values_of, fill) in columns.items():
-            rows = []
-            for e in encoded:
-                values = list(values_of(e))
-                extra = [fill] * (length - len(values)) if pad else []
-                rows.append(extra + values if side == "left" else values + extra)
-            features[name] = rows
-        if return_length:
-            features["length"] = [len(e["ids"]) for e in encoded]
-        replacements = [e["replacements"] for e in encoded] if return_text_replacement_offsets else None
-        return features, replacements
-
-    def _truncate(self, encoded, max_length):
-        ids = encoded["ids"]
-        if self.image_token_id in ids[max_length:]:
-            raise ValueError(
-                f"max_length={max_length} would cut an image's {self.num_visual_tokens} placeholder tokens out of a "
-                f"{len(ids)}-token prompt; raise max_length or shorten the text"
-            )
-        kept = {key: encoded[key][:max_length] for key in ("ids", "labels", "offsets")}
-        return {**encoded, **kept}
 
     # -----------------------------------------------------------------------------------------------------------
     # images
@@ -656,19 +530,16 @@ class HoneybeeProcessor(ProcessorMixin):
     # files
 
     def save_pretrained(self, save_directory, push_to_hub=False, **kwargs):
-        """Write the processor as files that transformers 4.57 and 5.x both load, whichever of them runs this.
-
-        The library's writer is version-specific (5.x writes a tokenizer_config.json that 4.57 cannot read and nests
-        the image processor's config); this one writes processor_config.json, preprocessor_config.json,
-        chat_template.jinja and the tokenizer files (`tokenizer_files`), each atomically. `push_to_hub=True` then
-        uploads them as the library does (`repo_id`, `token`, `commit_message`, ... in `kwargs`).
+        """Write the processor as files that transformers 4.57 and 5.x both load, whichever of them runs this
+        (`transformers_compat.tokenizer_files`, `image_processor_file`), each atomically; several chat templates
+        as both versions' loaders read them: the default one in chat_template.jinja, the others in
+        additional_chat_templates/. `push_to_hub=True` then uploads them as the library does (`repo_id`, `token`,
+        `commit_message`, ... in `kwargs`).
         """
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         if self._auto_class is not None:  # loaded as remote code: the folder gets processing_honeybee.py too
             custom_object_save(self, folder)
-        if not isinstance(self.chat_template, str):
-            raise ValueError("HoneybeeProcessor saves one chat template (a string); got several")
         name = type(self).__name__
         processor_config = {
             "processor_class": name,
@@ -677,13 +548,18 @@ class HoneybeeProcessor(ProcessorMixin):
             "num_eos_tokens": self.num_eos_tokens,
             "image_token": self.image_token,
         }
+        templates = self.chat_template if isinstance(self.chat_template, dict) else {"default": self.chat_template}
         files = {
-            "processor_config.json": _json(processor_config),
-            "preprocessor_config.json": _json(image_processor_config(self.image_processor, name)),
-            "chat_template.jinja": self.chat_template,
+            "processor_config.json": json.dumps(processor_config, indent=2, sort_keys=True) + "\n",
+            "preprocessor_config.json": image_processor_file(self.image_processor, name),
+            **{
+                "chat_template.jinja" if key == "default" else f"additional_chat_templates/{key}.jinja": template
+                for key, template in templates.items()
+            },
             **tokenizer_files(self.tokenizer, processor_class=name),
         }
         for file_name, text in files.items():
+            (folder / file_name).parent.mkdir(exist_ok=True)
             write_text_atomic(folder / file_name, text)
         if push_to_hub:  # the library's upload, which saves again (through this method) into a fresh folder
             self.push_to_hub(kwargs.pop("repo_id", folder.name), **kwargs)
@@ -696,46 +572,28 @@ class HoneybeeProcessor(ProcessorMixin):
         return self.tokenizer.decode(*args, **kwargs)
 
 
-class HoneybeeImageToTextPipeline(Pipeline):
-    """`pipeline("image-to-text", model=repo, trust_remote_code=True)`: captions, or answers with `prompt=`.
-
-    Registered in the model's config.json under `custom_pipelines`, which transformers 4 and 5 both consult
-    before their own tasks (5.x routes its built-in "image-to-text" to image-text-to-text, which needs text).
-    """
-
-    _load_processor = True
-    _load_image_processor = False
-    _load_tokenizer = False
-    _load_feature_extractor = False
-    _pipeline_calls_generate = True
-
-    def _sanitize_parameters(
-        self, prompt=None, text=None, max_new_tokens=None, generate_kwargs=None, timeout=None, **kwargs
-    ):
-        preprocess = {"prompt": prompt if prompt is not None else text}
-        generate = dict(generate_kwargs or {})
-        if max_new_tokens is not None:
-            generate["max_new_tokens"] = max_new_tokens
-        return preprocess, {"generate_kwargs": generate}, {}
-
-    def preprocess(self, image, prompt=None):
-        inputs = self.processor(images=[image], text=prompt or CAPTION_QUESTION, return_tensors="pt")
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        return inputs
-
-    def _forward(self, inputs, generate_kwargs=None):
-        prompt_length = inputs["input_ids"].shape[1]
-        return {"new_tokens": self.model.generate(**inputs, **(generate_kwargs or {}))[:, prompt_length:]}
-
-    def postprocess(self, outputs):
-        texts = self.processor.batch_decode(outputs["new_tokens"], skip_special_tokens=True)
-        return [{"generated_text": t.strip()} for t in texts]
+for _name, _value in processor_class_attributes().items():
+    setattr(HoneybeeProcessor, _name, _value)
 
 
-__all__ = [
-    "HoneybeeImageToTextPipeline",
-    "HoneybeeProcessor",
-    "honeybee_image_processor",
-    "load_rgb_image",
-    "tokenizer_files",
-]
+def _expanded(position, images, gain):
+    """A position in a text -> the same position once each `<image>` (starting at `images`) grew by `gain`."""
+    return position + gain * bisect.bisect_left(images, position)
+
+
+def _unexpanded(offsets, images, image_width, width):
+    """A token's (start, end) in the expanded text -> in the text as given: each `<image>` (`image_width` long,
+    starting at `images[k]`) grew to `width`; every placeholder of an image maps to its `<image>`."""
+    gain = width - image_width
+    starts = [p + k * gain for k, p in enumerate(images)]
+    start, end = offsets
+    k = bisect.bisect_right(starts, start) - 1
+    if k >= 0:
+        start = images[k] if start < starts[k] + width else start - (k + 1) * gain
+    k = bisect.bisect_left(starts, end) - 1
+    if k >= 0:
+        end = images[k] + image_width if end < starts[k] + width else end - (k + 1) * gain
+    return start, end
+
+
+__all__ = ["HoneybeeProcessor", "load_rgb_image"]

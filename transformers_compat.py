@@ -5,7 +5,10 @@ here, whose docstring says which version needs what and why. Shipped to the Hub 
 imported relatively), so a Hub folder loads on both versions whichever one wrote it.
 """
 
+import json
+
 import transformers
+from tokenizers import Tokenizer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
@@ -44,3 +47,97 @@ def image_features_return_dict_default():
     """What `get_image_features` returns when not told: 4.57's LLaVA returns the projected features (a tensor),
     5.x's a `BaseModelOutputWithPooling` (callers there read `.pooler_output`)."""
     return TRANSFORMERS_MAJOR >= 5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Processor, image processor and tokenizer
+
+
+def processor_class_attributes():
+    """Class attributes of a two-part processor: 4.57 finds the parts through `attributes` and the `*_class` names;
+    5.x derives them from the `__init__` parameters and logs a deprecation warning for each of these."""
+    if TRANSFORMERS_MAJOR >= 5:
+        return {}
+    return {
+        "attributes": ["image_processor", "tokenizer"],
+        "image_processor_class": "AutoImageProcessor",
+        "tokenizer_class": "AutoTokenizer",
+    }
+
+
+def pil_clip_image_processor_class():
+    """The PIL-backed CLIP image processor: 5.x names its torchvision-backed class `CLIPImageProcessor` whenever
+    torchvision is installed (its bicubic resize differs slightly from PIL's, which the official pipeline, and so
+    the model's training, used) and the PIL one `CLIPImageProcessorPil`; 4.57's `CLIPImageProcessor` is PIL's.
+    Looked up by name: importing `CLIPImageProcessor` on 5.x without torchvision logs a fallback warning."""
+    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+
+
+def processor_level_text_options(options):
+    """`return_mm_token_type_ids` and `return_text_replacement_offsets` as `_merge_kwargs` returns them: 5.x keeps
+    them at the top level of the merged options, 4.57 (which does not know the second) in `text_kwargs`."""
+    keys = ("return_mm_token_type_ids", "return_text_replacement_offsets")
+    return {key: options[key] for key in keys if key in options}
+
+
+def tokenizer_files(tokenizer, processor_class=None):
+    """{file name: text} of tokenizer.json, tokenizer_config.json and special_tokens_map.json that 4.57 and 5.x both
+    load as written, whichever runs this: 5.x's own `save_pretrained` writes `tokenizer_class: TokenizersBackend`
+    and `extra_special_tokens` as a list, neither of which 4.57 can load.
+
+    `tokenizer_class` is `PreTrainedTokenizerFast`, which both versions build from tokenizer.json unchanged (5.x
+    rebuilds a Llama class with its own Metaspace front end, whatever tokenizer.json says)."""
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_padding()  # call-time settings a fast tokenizer may have left on its backend
+    backend.no_truncation()
+    named = {name: getattr(tokenizer, name) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    named = {name: token for name, token in named.items() if token is not None}
+    added = tokenizer.added_tokens_decoder
+    extra = [t.content for t in added.values() if t.special and t.content not in named.values()]
+    flags = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **named,
+        "additional_special_tokens": extra,
+        "added_tokens_decoder": {str(i): {k: getattr(t, k) for k in flags} for i, t in sorted(added.items())},
+        "padding_side": tokenizer.padding_side,
+        "truncation_side": tokenizer.truncation_side,
+        "model_max_length": tokenizer.model_max_length,
+        "model_input_names": ["input_ids", "attention_mask"],  # 4.57's PreTrainedTokenizerFast adds token_type_ids
+        "clean_up_tokenization_spaces": False,
+        # call-time text options the library's processors apply as defaults
+        **{k: tokenizer.init_kwargs[k] for k in SAVED_TEXT_DEFAULTS if tokenizer.init_kwargs.get(k) is not None},
+    }
+    if processor_class is not None:
+        config["processor_class"] = processor_class
+    return {
+        "tokenizer.json": backend.to_str(pretty=True),
+        "tokenizer_config.json": _json(config),
+        "special_tokens_map.json": _json({**named, "additional_special_tokens": extra}),
+    }
+
+
+SAVED_TEXT_DEFAULTS = ("padding", "max_length", "truncation", "pad_to_multiple_of")
+
+
+def image_processor_file(image_processor, processor_class):
+    """preprocessor_config.json as both versions read it: 5.x's `save_pretrained` nests it in processor_config.json
+    and names the PIL class `CLIPImageProcessorPil`, which 4.57 does not have."""
+    keys = ("do_resize", "do_center_crop", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb")
+    config = {
+        "image_processor_type": "CLIPImageProcessor",
+        "processor_class": processor_class,
+        **{key: getattr(image_processor, key) for key in keys},
+        "resample": int(image_processor.resample),
+        "image_mean": [float(x) for x in image_processor.image_mean],
+        "image_std": [float(x) for x in image_processor.image_std],
+    }
+    for key in ("size", "crop_size"):
+        value = getattr(image_processor, key, None)
+        if value is not None:
+            config[key] = {k: v for k, v in dict(value).items() if v is not None}
+    return _json(config)
+
+
+def _json(data):
+    return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"

@@ -21,7 +21,7 @@ from pathlib import Path
 import transformers
 
 from honeybee_hf.export.tiny import ASSETS, save_tiny_hub_folder, shrink_photos
-from honeybee_hf.processing_honeybee import CAPTION_QUESTION
+from honeybee_hf.pipeline_honeybee import CAPTION_QUESTION
 from honeybee_hf.train import finetune
 
 PHOTOS = ASSETS / "images"

@@ -47,7 +47,12 @@ from ..cli import CommandError, add_debug_flag, console_script
 from ..configuration_honeybee import HoneybeeConfig
 from .hub import refuse_existing, save_hub_folder, staging_folder, write_support_files
 from .model_card import render_model_card
-from .official import map_official_state_dict, num_eos_tokens_origin, official_config_to_kwargs
+from .official import (
+    map_official_state_dict,
+    num_eos_tokens_origin,
+    official_config_to_kwargs,
+    official_image_processor,
+)
 
 # The model, processor and tokenizer modules are imported where they are used: importing them imports transformers'
 # modeling code, which imports its quantizer integrations (torchao, bitsandbytes) and whatever those print at start;
@@ -438,7 +443,8 @@ def parse_size(size):
 
 def tokenizer_backend(source, vocab_size, text_config):
     """The tokenizer's `tokenizers.Tokenizer`, checked against the checkpoint's vocabulary and special ids."""
-    from .tokenizer import IMAGE_TOKEN, load_backend
+    from ..processing_honeybee import IMAGE_TOKEN
+    from .tokenizer import load_backend
 
     try:
         backend = load_backend(source)
@@ -483,17 +489,16 @@ def build_processor(backend, config, image_mean=None, image_std=None):
     """A HoneybeeProcessor for `config` from a tokenizer backend (official image preprocessing)."""
     from transformers import AutoTokenizer
 
-    from ..processing_honeybee import HoneybeeProcessor, honeybee_image_processor
+    from ..processing_honeybee import HoneybeeProcessor
     from .tokenizer import save_tokenizer_files
 
     with tempfile.TemporaryDirectory() as folder:
         save_tokenizer_files(backend, folder, model_max_length=config.text_config.max_position_embeddings)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    image_processor = honeybee_image_processor(config.vision_config.image_size)
-    if image_mean is not None:
-        image_processor.image_mean = list(image_mean)
-    if image_std is not None:
-        image_processor.image_std = list(image_std)
+    colour = {"image_mean": image_mean, "image_std": image_std}
+    image_processor = official_image_processor(
+        config.vision_config.image_size, **{k: v for k, v in colour.items() if v is not None}
+    )
     pc = config.projector_config
     return HoneybeeProcessor(
         image_processor, tokenizer, num_query_tokens=pc.num_query_tokens, num_eos_tokens=pc.num_eos_tokens

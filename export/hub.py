@@ -28,7 +28,7 @@ AUTO_MAP = {
 # Both versions consult custom_pipelines before their own tasks; "pt" must name classes that exist in both.
 CUSTOM_PIPELINES = {
     "image-to-text": {
-        "impl": "processing_honeybee.HoneybeeImageToTextPipeline",
+        "impl": "pipeline_honeybee.HoneybeeImageToTextPipeline",
         "pt": ["AutoModelForImageTextToText"],
         "tf": [],
         "type": "multimodal",

@@ -17,10 +17,31 @@ import math
 import re
 
 import torch
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from ..transformers_compat import pil_clip_image_processor_class
 
 # Buffers that transformers <= 4.30 saved and newer versions recompute: CLIP's `embeddings.position_ids` and
 # Llama's `rotary_emb.inv_freq`. They hold no learned values.
 STALE_BUFFER_SUFFIXES = (".position_ids", ".rotary_emb.inv_freq")
+
+
+def official_image_processor(image_size=224, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD):
+    """The official preprocessing as a CLIP image processor, whose saved config both versions load: the squash
+    resize (PIL bicubic, as torchvision's Resize in the official pipeline, to image_size×image_size, no crop), /255,
+    CLIP mean/std."""
+    return pil_clip_image_processor_class()(
+        do_resize=True,
+        size={"height": image_size, "width": image_size},
+        resample=3,
+        do_center_crop=False,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(image_mean),
+        image_std=list(image_std),
+        do_convert_rgb=True,
+    )
 
 
 def is_stale_buffer(key):

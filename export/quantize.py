@@ -20,7 +20,8 @@ import torch
 
 from ..cli import CommandError, add_debug_flag, console_script
 from ..modeling_honeybee import HoneybeeForConditionalGeneration
-from ..processing_honeybee import CAPTION_QUESTION, HoneybeeProcessor
+from ..pipeline_honeybee import CAPTION_QUESTION
+from ..processing_honeybee import HoneybeeProcessor
 from .hub import staging_folder, write_support_files
 from .model_card import render_model_card
 

@@ -11,8 +11,9 @@ from transformers import AutoTokenizer
 
 from ..configuration_honeybee import HoneybeeConfig
 from ..modeling_honeybee import HoneybeeForConditionalGeneration
-from ..processing_honeybee import HoneybeeProcessor, honeybee_image_processor
+from ..processing_honeybee import HoneybeeProcessor
 from .hub import save_hub_folder
+from .official import official_image_processor
 from .tokenizer import load_backend, save_tokenizer_files
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -72,7 +73,7 @@ def tiny_processor(config):
         tokenizer = AutoTokenizer.from_pretrained(folder)
     pc = config.projector_config
     return HoneybeeProcessor(
-        honeybee_image_processor(config.vision_config.image_size),
+        official_image_processor(config.vision_config.image_size),
         tokenizer,
         num_query_tokens=pc.num_query_tokens,
         num_eos_tokens=pc.num_eos_tokens,

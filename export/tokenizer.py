@@ -2,18 +2,19 @@
 
 The official Honeybee uses Vicuna's sentencepiece `tokenizer.model` through the slow, legacy `LlamaTokenizer`. The
 fast `tokenizer.json` is built here from the sentencepiece model directly: transformers 4 and 5 convert it with
-different merge orders (different ids for some words). The files themselves are written by the processor module
-(`tokenizer_files`), which `HoneybeeProcessor.save_pretrained` uses too.
+different merge orders (different ids for some words). The files are written as `HoneybeeProcessor.save_pretrained`
+writes them (`transformers_compat.tokenizer_files`), so both versions load them.
 """
 
+import re
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from ..processing_honeybee import sentencepiece_front_end, tokenizer_files, write_text_atomic
+from ..processing_honeybee import AI, HUMAN, IMAGE_TOKEN, write_text_atomic
+from ..transformers_compat import tokenizer_files
 
-IMAGE_TOKEN = "<image>"
 SPECIALS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>"}
 
 
@@ -51,6 +52,25 @@ def tokenizer_from_sentencepiece(model_path):
     return tokenizer
 
 
+def sentencepiece_front_end():
+    """sentencepiece's legacy Llama front end as a `tokenizers` normalizer: a `▁` before each piece of text between
+    special tokens, every space as `▁`. The official code tokenises with it."""
+    return normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+
+
+def role_marker_pieces():
+    """A pre-tokenizer that makes each official role marker, as the chat template writes it, a piece of its own.
+
+    The official code tokenises "\nHuman: " and "\nAI: " apart from the text around them, each with its dummy
+    prefix; the chat template writes those prefixes as spaces, so a marker reads `▁\nHuman:▁` followed by the next
+    piece's `▁` or by the end of the text before a special token. Splitting there keeps BPE from merging across
+    the boundary (a vocabulary with `▁▁`, as Llama's, would). Plain text almost never has that shape, and where it
+    does, the official processor split it the same way.
+    """
+    markers = "|".join(re.escape(m.replace(" ", "▁")) for m in (HUMAN, AI))
+    return pre_tokenizers.Split(Regex(f"▁(?:{markers})(?=▁|\\z)"), behavior="isolated")
+
+
 def load_backend(source):
     """`source`: a sentencepiece `tokenizer.model`, or a folder holding one or a `tokenizer.json`."""
     source = Path(source)
@@ -68,13 +88,13 @@ def load_backend(source):
 def save_tokenizer_files(backend, out_dir, model_max_length=4096):
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json; returns the `<image>` id.
 
-    `backend` is a `tokenizers.Tokenizer` (`load_backend`). It gets sentencepiece's legacy front end and `<image>` as
-    a special token unless present (id = the base vocabulary size); pad is `<unk>`, as the official code pads;
-    padding is on the left, for batched generation.
+    `backend` is a `tokenizers.Tokenizer` (`load_backend`). It gets sentencepiece's legacy front end, the role-marker
+    pieces and `<image>` as a special token unless present (id = the base vocabulary size); pad is `<unk>`, as the
+    official code pads; padding is on the left, for batched generation.
     """
     backend = Tokenizer.from_str(backend.to_str())  # a copy: the front end is reset below
     backend.normalizer = sentencepiece_front_end()
-    backend.pre_tokenizer = None
+    backend.pre_tokenizer = role_marker_pieces()
     backend.add_special_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,

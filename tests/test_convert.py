@@ -114,6 +114,7 @@ def test_official_archive_folder_contents(official_folder, tmp_path):
             "model.safetensors",
             "modeling_honeybee.py",
             "preprocessor_config.json",
+            "pipeline_honeybee.py",
             "processing_honeybee.py",
             "processor_config.json",
             "special_tokens_map.json",
@@ -130,7 +131,7 @@ def test_official_archive_folder_contents(official_folder, tmp_path):
         "AutoModelForImageTextToText",
         "AutoProcessor",
     }
-    assert config["custom_pipelines"]["image-to-text"]["impl"] == "processing_honeybee.HoneybeeImageToTextPipeline"
+    assert config["custom_pipelines"]["image-to-text"]["impl"] == "pipeline_honeybee.HoneybeeImageToTextPipeline"
     assert config["torch_dtype"] == "bfloat16" and config["image_token_id"] == V
     assert config["text_config"]["vocab_size"] == V + 1
     generation = json.loads((official_folder / "generation_config.json").read_text())

@@ -36,7 +36,7 @@ from honeybee_hf.train.data import (
     BadSampleError,
     HoneybeeCollator,
     HoneybeeConversationDataset,
-    conversation_to_prompt,
+    conversation_to_messages,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
@@ -129,7 +129,8 @@ def _dataset(tmp_path, records, processor, **kwargs):
     return HoneybeeConversationDataset(data, processor, image_root=IMAGES, **kwargs)
 
 
-def test_llava_conversation_becomes_official_prompt():
+def test_llava_conversation_becomes_official_prompt(fixture_processor):
+    """The chat template's rendering of the messages has the ids and labels of the official prompt."""
     turns = [
         {"from": "human", "value": "<image>\nWhat is it?"},
         {"from": "gpt", "value": "A cat."},
@@ -151,10 +152,13 @@ def test_llava_conversation_becomes_official_prompt():
         + AI
         + "A dog."
     )
-    assert conversation_to_prompt(turns, 2) == expected
+    rendered = fixture_processor.apply_chat_template(conversation_to_messages(turns, 2))
+    assert fixture_processor.encode_prompt(rendered) == fixture_processor.encode_prompt(expected)
     # Images without <image> go to the first human turn, as in LLaVA; a system turn replaces the system prompt.
     plain = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]
-    assert conversation_to_prompt(plain, 1) == "Be brief." + HUMAN + "<image>" + HUMAN + "Q" + AI + "A"
+    rendered = fixture_processor.apply_chat_template(conversation_to_messages(plain, 1))
+    expected = "Be brief." + HUMAN + "<image>" + HUMAN + "Q" + AI + "A"
+    assert fixture_processor.encode_prompt(rendered) == fixture_processor.encode_prompt(expected)
 
 
 def test_labels_match_official_single_turn_and_caption(tmp_path, fixture_processor):
@@ -163,7 +167,6 @@ def test_labels_match_official_single_turn_and_caption(tmp_path, fixture_process
     question = "What is in the image?"
     answer = prompt.split(AI)[-1]
     ds = _dataset(tmp_path, [image_sample("ca.jpeg", question, answer)], fixture_processor)
-    assert ds.samples[0].prompt == prompt
     item = ds[0]
     assert item["input_ids"] == ids and item["labels"] == labels
     assert item["pixel_values"].shape == (1, 3, 32, 32)
@@ -181,7 +184,6 @@ def test_labels_multi_turn_match_official_rule(tmp_path, fixture_processor):
     turns = [("Is there a cat?", "No"), ("Explain why this meme is funny.", "Because the cat is a dog.")]
     conversations = [t for q, a in turns for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
     ds = _dataset(tmp_path, [{"conversations": conversations}], fixture_processor)
-    assert ds.samples[0].prompt == prompt + turns[1][1]
     item = ds[0]
     n = len(ids)
     assert item["input_ids"][:n] == ids and item["labels"][:n] == labels

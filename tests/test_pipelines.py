@@ -21,7 +21,7 @@ def pipeline_text(expected):
 
 @pytest.mark.parametrize("projector_type", ["c-abs", "d-abs"])
 def test_image_to_text_captions_without_a_prompt_and_answers_with_one(tiny_folder, projector_type):
-    from honeybee_hf.processing_honeybee import CAPTION_QUESTION
+    from honeybee_hf.pipeline_honeybee import CAPTION_QUESTION
 
     folder, model, processor = tiny_folder(projector_type, seed=5)
     pipe = transformers.pipeline("image-to-text", model=str(folder), trust_remote_code=True)

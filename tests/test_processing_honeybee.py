@@ -22,13 +22,13 @@ from transformers import AutoProcessor
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from honeybee_hf.export.hub import save_hub_folder
+from honeybee_hf.export.official import official_image_processor
 from honeybee_hf.export.tiny import TOY_SPM, tiny_config, tiny_model, tiny_processor
 from honeybee_hf.processing_honeybee import (
     AI,
     HUMAN,
     SYSTEM_PROMPT,
     HoneybeeProcessor,
-    honeybee_image_processor,
     load_rgb_image,
 )
 
@@ -217,6 +217,63 @@ def test_encode_prompt_matches_sentencepiece_reference(processor, spm):
             assert (ids, mask) == expected, repr(prompt)
 
 
+@pytest.fixture(scope="module")
+def whitespace_vocab(tmp_path_factory):
+    """A sentencepiece BPE model whose vocabulary merges runs of spaces (`▁▁`, `▁▁▁`), as Llama's does (the toy one
+    does not): BPE over a whole rendered prompt would merge a marker's trailing `▁` with the next piece's dummy
+    prefix, where the official code tokenises the two apart."""
+    rng = np.random.RandomState(0)
+    words = "the a cat dog Human: AI: What is in image picture answer question brief helpful".split()
+    lines = [rng.choice([" ", "  ", "   "]).join(rng.choice(words, 8)) for _ in range(400)]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=300,
+        model_type="bpe",
+        byte_fallback=True,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        split_by_whitespace=False,
+        normalization_rule_name="identity",
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    path = tmp_path_factory.mktemp("whitespace_vocab") / "tokenizer.model"
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def test_rendered_prompts_give_official_ids_with_a_vocabulary_that_merges_spaces(processor, whitespace_vocab):
+    from honeybee_hf.export.tokenizer import load_backend, save_tokenizer_files
+
+    spm = sentencepiece.SentencePieceProcessor(model_file=str(whitespace_vocab))
+    assert spm.piece_to_id("▁▁") != spm.unk_id()
+    folder = whitespace_vocab.parent / "files"
+    folder.mkdir()
+    save_tokenizer_files(load_backend(whitespace_vocab), folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    proc = HoneybeeProcessor(processor.image_processor, tokenizer, num_query_tokens=NUM_QUERY, num_eos_tokens=NUM_EOS)
+    image_id = proc.image_token_id
+    for text in ["What is in the image?", " a  cat ", "  What", "dog\n", "Human: AI:"]:
+        messages = [
+            user({"type": "image"}, {"type": "text", "text": text}),
+            {"role": "assistant", "content": text},
+            user({"type": "text", "text": text}),
+        ]
+        official_prompt = f"{SYSTEM_PROMPT}{HUMAN}<image>{HUMAN}{text}{AI}{text}{HUMAN}{text}{AI}"
+        ids, _ = official_encode(spm, official_prompt, proc.num_visual_tokens, image_id)
+        rendered = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert tokenizer_ids(proc, rendered) == ids, repr(text)
+        assert proc(text=official_prompt, images=[photo()])["input_ids"][0] == ids, repr(text)
+    tokenizer.backend_tokenizer.pre_tokenizer = None  # without the role-marker pieces, BPE merges across them
+    assert tokenizer_ids(proc, rendered) != ids
+
+
 @pytest.mark.parametrize("text", SPECIAL_IN_TEXT)
 def test_special_token_text_is_split_as_slow_llama(processor, spm, text):
     """The slow tokenizer splits `<s>`, `</s>`, `<unk>` out of the text and runs sentencepiece on each piece."""
@@ -242,7 +299,7 @@ def test_image_preprocessing_matches_official(processor):
     meta, tensors = fixture("image_preprocess_224")
     size = meta["image_size"]
     big = HoneybeeProcessor(
-        honeybee_image_processor(size), processor.tokenizer, num_query_tokens=NUM_QUERY, num_eos_tokens=NUM_EOS
+        official_image_processor(size), processor.tokenizer, num_query_tokens=NUM_QUERY, num_eos_tokens=NUM_EOS
     )
     array = tensors["image_uint8_hwc"].numpy()
     expected = tensors["pixel_values"]
@@ -272,30 +329,37 @@ def user(*content):
     return {"role": "user", "content": list(content)}
 
 
+def tokenizer_ids(processor, rendered):
+    """What vLLM, TRL and chat clients do with a rendered prompt: the plain tokenizer, `<image>` expanded."""
+    expanded = rendered.replace("<image>", "<image>" * processor.num_visual_tokens)
+    return processor.tokenizer(expanded, add_special_tokens=False)["input_ids"]
+
+
 def test_chat_template_renders_official_prompts(processor, toy):
-    """The official prompts, with the `<s>` the official tokenizer adds and the `</s>` it ends each answer with
-    written out, so that any tokenizer call on the rendering (TRL's, vLLM's) gets them."""
-    meta, _ = toy
+    """The official prompts, with the `<s>` the official tokenizer adds, the `</s>` it ends each answer with and a
+    space where it tokenises a piece with sentencepiece's dummy prefix written out, so that the plain tokenizer on
+    the rendering (TRL's, vLLM's) gives the official ids."""
+    meta, tensors = toy
     question = [user({"type": "image"}, {"type": "text", "text": "What is in the image?"})]
     rendered = processor.apply_chat_template(question, add_generation_prompt=True, tokenize=False)
-    assert rendered == f"<s>{SYSTEM_PROMPT}\nHuman: <image>\nHuman: What is in the image?\nAI: "
-    assert rendered == "<s>" + meta["cases"][0]["prompt"]
+    assert rendered == f"<s>{SYSTEM_PROMPT} \nHuman: <image>\nHuman:  What is in the image? \nAI: "
+    assert tokenizer_ids(processor, rendered) == official_ids(tensors["case0.input_ids"], processor).tolist()
 
     custom = [{"role": "system", "content": "Be brief."}, *question]
     assert processor.apply_chat_template(custom, add_generation_prompt=True, tokenize=False) == (
-        "<s>Be brief.\nHuman: <image>\nHuman: What is in the image?\nAI: "
+        "<s>Be brief. \nHuman: <image>\nHuman:  What is in the image? \nAI: "
     )
     custom[0]["content"] = [{"type": "text", "text": "Be brief."}]
     rendered = processor.apply_chat_template(custom, add_generation_prompt=True, tokenize=False)
-    assert rendered.startswith("<s>Be brief.\nHuman: ")
+    assert rendered.startswith("<s>Be brief. \nHuman: ")
 
     history = question + [
         {"role": "assistant", "content": [{"type": "text", "text": "A dog."}]},
         user({"type": "text", "text": "What color is it?"}),
     ]
     assert processor.apply_chat_template(history, add_generation_prompt=True, tokenize=False) == (
-        f"<s>{SYSTEM_PROMPT}\nHuman: <image>\nHuman: What is in the image?\nAI: A dog.</s>"
-        "\nHuman: What color is it?\nAI: "
+        f"<s>{SYSTEM_PROMPT} \nHuman: <image>\nHuman:  What is in the image? \nAI:  A dog.</s>"
+        "\nHuman:  What color is it? \nAI: "
     )
     text_only = [  # the official multi-turn, text-only fixture prompt; plain-string contents
         {"role": "user", "content": "Is there a cat?"},
@@ -303,8 +367,12 @@ def test_chat_template_renders_official_prompts(processor, toy):
         {"role": "user", "content": "Explain why this meme is funny."},
     ]
     rendered = processor.apply_chat_template(text_only, add_generation_prompt=True, tokenize=False)
-    assert rendered == "<s>" + meta["cases"][4]["prompt"].replace("\nAI: No", "\nAI: No</s>")
+    assert tokenizer_ids(processor, rendered) == tensors["case4.input_ids"].tolist()
     assert not processor.apply_chat_template(text_only, tokenize=False).endswith("\nAI: ")  # no generation prompt
+
+    answered = question + [{"role": "assistant", "content": meta["cases"][2]["prompt"].split(AI)[-1]}]
+    rendered = processor.apply_chat_template(answered, tokenize=False)
+    assert tokenizer_ids(processor, rendered) == official_ids(tensors["case2.input_ids"], processor).tolist()
 
 
 def test_chat_template_tokenized_equals_processor(processor, toy):
@@ -588,31 +656,13 @@ def test_image_processor_keeps_the_official_pil_resize():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 7. one tokenizer, in today's files and in the previous format
+# 7. one tokenizer, in the files
 
 
 def hub_folder(tmp_path, processor, stem):
     folder = tmp_path / f"{stem}_{uuid.uuid4().hex[:8]}"  # dynamic modules are cached by basename
     save_hub_folder(tiny_model(tiny_config(num_query_tokens=NUM_QUERY, num_eos_tokens=NUM_EOS)), processor, folder)
     return folder
-
-
-# The tokenizer_config.json written before tokenizer_class became PreTrainedTokenizerFast (published folders have it).
-PREVIOUS_TOKENIZER_CONFIG = {
-    "tokenizer_class": "LlamaTokenizerFast",
-    "bos_token": "<s>",
-    "eos_token": "</s>",
-    "unk_token": "<unk>",
-    "pad_token": "<unk>",
-    "additional_special_tokens": ["<image>"],
-    "add_bos_token": True,
-    "add_eos_token": False,
-    "legacy": True,
-    "padding_side": "left",
-    "clean_up_tokenization_spaces": False,
-    "model_max_length": 4096,
-    "processor_class": "HoneybeeProcessor",
-}
 
 
 def test_tokenizer_files_load_as_written(processor, spm, tmp_path):
@@ -627,24 +677,33 @@ def test_tokenizer_files_load_as_written(processor, spm, tmp_path):
     assert "token_type_ids" not in tokenizer("a b") and tokenizer.padding_side == "left"
 
 
-def test_folders_in_the_previous_tokenizer_format_keep_loading(processor, spm, tmp_path):
-    folder = hub_folder(tmp_path, processor, "hb_previous_format")
-    config = dict(
-        PREVIOUS_TOKENIZER_CONFIG,
-        added_tokens_decoder=json.loads((folder / "tokenizer_config.json").read_text())["added_tokens_decoder"],
+def test_several_chat_templates_save_and_load(processor, tmp_path):
+    """A dict of named templates, as the library's processors allow: the default in chat_template.jinja, the others
+    in additional_chat_templates/, which both versions' loaders read."""
+    templates = {"default": processor.chat_template, "plain": "{{ bos_token }}{{ messages[0]['content'] }}"}
+    several = HoneybeeProcessor(
+        processor.image_processor,
+        processor.tokenizer,
+        chat_template=templates,
+        num_query_tokens=NUM_QUERY,
+        num_eos_tokens=NUM_EOS,
     )
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    folder = hub_folder(tmp_path, several, "hb_chat_templates")
+    assert (folder / "additional_chat_templates" / "plain.jinja").read_text() == templates["plain"]
     loaded = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    for text in TRICKY:
-        assert plain_ids(loaded.tokenizer, text) == spm.encode(text), text
-    texts = ["What is this?", "Two\nHuman: <image>\nHuman: <image>\nAI: x  y", " leading  spaces"]
-    images = [[photo(0)], [photo(1), photo(2)], []]
-    ours = processor(text=texts, images=images, return_tensors="pt", return_labels=True)
-    theirs = loaded(text=texts, images=images, return_tensors="pt", return_labels=True)
-    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
-    if TF_MAJOR >= 5:  # what the processor repairs: 5.x rebuilds a LlamaTokenizerFast with Metaspace
-        plain = transformers.AutoTokenizer.from_pretrained(folder)
-        assert any(plain_ids(plain, text) != spm.encode(text) for text in TRICKY)
+    assert loaded.chat_template == templates
+    messages = [{"role": "user", "content": "hi"}]
+    assert loaded.apply_chat_template(messages, chat_template="plain") == "<s>hi"
+    assert loaded.apply_chat_template(messages, add_generation_prompt=True) == (
+        processor.apply_chat_template(messages, add_generation_prompt=True)
+    )
+
+
+def test_processor_kwargs_are_honeybees(processor):
+    """What transformers' generic code reads to route and check options (its processor tests do)."""
+    from honeybee_hf.processing_honeybee import HoneybeeProcessorKwargs
+
+    assert type(processor).valid_processor_kwargs is HoneybeeProcessorKwargs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -809,7 +868,7 @@ def test_bad_image_sources_raise_short_errors_naming_the_image(processor, http_s
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 10. chat template for training: assistant masks, captions, the training data renderer
+# 10. chat template for training: assistant masks, captions
 
 
 def official_labels(tensors, case):
@@ -850,101 +909,15 @@ def test_caption_messages_render_the_pre_training_format(processor, toy):
         user({"type": "image", "image": photo(6)}),
         {"role": "assistant", "content": caption},
     ]
-    assert processor.apply_chat_template(messages, tokenize=False) == f"<s>[NO_PROMPT] <image> {caption}</s>"
+    rendered = processor.apply_chat_template(messages, tokenize=False)
+    assert rendered == f"<s><image>{caption}</s>"  # the official tokenization drops the "[NO_PROMPT] " text
+    assert tokenizer_ids(processor, rendered) == official_ids(tensors["case3.input_ids"], processor).tolist()
     # transformers 4 tokenizes list contents only
     messages[0]["content"] = [{"type": "text", "text": "[NO_PROMPT]"}]
     messages[2]["content"] = [{"type": "text", "text": caption}]
     out = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     assert out["input_ids"][0] == official_ids(tensors["case3.input_ids"], processor).tolist()
     assert out["assistant_masks"][0] == official_labels(tensors, 3)
-
-
-def llava_record_to_messages(record, system_prompt=SYSTEM_PROMPT):
-    """The test's own reading of a LLaVA record as chat messages: each `<image>` of a human turn is an image item
-    ahead of that turn's remaining text; images without any `<image>` go to the first human turn."""
-    if "caption" in record:
-        return [
-            {"role": "system", "content": [{"type": "text", "text": "[NO_PROMPT]"}]},
-            user({"type": "image"}),
-            {"role": "assistant", "content": [{"type": "text", "text": record["caption"]}]},
-        ]
-    turns = list(record["conversations"])
-    if turns[0]["from"] == "system":
-        system_prompt = turns.pop(0)["value"]
-    images = record.get("image", [])
-    images = [images] if isinstance(images, str) else images
-    if images and not any("<image>" in t["value"] for t in turns):
-        turns[0] = {**turns[0], "value": "<image>" * len(images) + turns[0]["value"]}
-    messages = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}]
-    for turn in turns:
-        if turn["from"] == "gpt":
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": turn["value"].strip()}]})
-            continue
-        pieces = turn["value"].split("<image>")
-        rest = "\n".join(p.strip() for p in pieces if p.strip())
-        content = [{"type": "image"}] * (len(pieces) - 1) + ([{"type": "text", "text": rest}] if rest else [])
-        messages.append({"role": "user", "content": content})
-    return messages
-
-
-def test_training_data_and_chat_template_agree(processor, tmp_path):
-    """train/data.py's samples (ids, labels) equal the chat template's (ids, assistant mask) on the same data."""
-    from honeybee_hf.train.data import HoneybeeConversationDataset
-
-    records = [
-        {
-            "image": ["ca.jpeg", "titanic.jpeg"],
-            "conversations": [  # multi-turn, an image per turn
-                {"from": "human", "value": "<image>\nWhat is it?"},
-                {"from": "gpt", "value": "A map."},
-                {"from": "human", "value": "And this one?\n<image>"},
-                {"from": "gpt", "value": " A  ship. "},
-            ],
-        },
-        {
-            "image": ["ca.jpeg", "laundry.jpeg"],
-            "conversations": [  # two images in one turn
-                {"from": "human", "value": "<image><image>\nCompare them."},
-                {"from": "gpt", "value": "Different."},
-            ],
-        },
-        {
-            "image": "mug_ad.jpeg",
-            "conversations": [  # a system turn; the image has no <image> placeholder
-                {"from": "system", "value": "Be brief."},
-                {"from": "human", "value": "What?"},
-                {"from": "gpt", "value": "A mug."},
-            ],
-        },
-        {"conversations": [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "Hello."}]},
-        {"image": "titanic.jpeg", "caption": "Two people on a ship."},  # the pre-training caption format
-    ]
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    dataset = HoneybeeConversationDataset(data, processor, image_root=REPO_ROOT / "assets" / "images")
-    assert len(dataset) == len(records)
-    for index, record in enumerate(records):
-        sample = dataset[index]
-        messages = llava_record_to_messages(record)
-        items = [item for m in messages if isinstance(m["content"], list) for item in m["content"]]
-        count = sum(item["type"] == "image" for item in items)
-        images = [photo(k) for k in range(count)]
-        with_images = [  # the images themselves, in order, as the chat format carries them
-            {
-                **m,
-                "content": [
-                    dict(item, image=images.pop(0)) if item["type"] == "image" else item for item in m["content"]
-                ],
-            }
-            if isinstance(m["content"], list)
-            else m
-            for m in messages
-        ]
-        out = processor.apply_chat_template(
-            with_images, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-        )
-        assert out["input_ids"][0] == sample["input_ids"], index
-        assert out["assistant_masks"][0] == [int(label != -100) for label in sample["labels"]], index
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -207,11 +207,14 @@ def test_offline_batch_of_four_prompts_matches_transformers(engine):
         assert_matches(reference, output)
 
 
-def test_text_prompt_is_tokenized_whole(engine, photos):
-    """vLLM tokenizes a text prompt with the folder's tokenizer in one piece, where the official processor tokenizes
-    each turn on its own (with sentencepiece's dummy prefix): the ids differ at turn boundaries, so exact parity
-    needs `prompt_token_ids` from HoneybeeProcessor. A text prompt still gets its placeholders and its image."""
+def test_text_prompt_gets_the_processors_ids(engine, photos):
+    """vLLM tokenizes a text prompt with the folder's tokenizer in one piece; the chat template's text carries the
+    official per-piece tokenization (its dummy-prefix spaces), so those are the ids HoneybeeProcessor (and the
+    official code) give the same question. A text prompt gets its placeholders and its image."""
     model, llm = engine
+    question, indices = PROMPTS[0]
+    processor_ids = model.processor(images=[photos[i] for i in indices], text=question)["input_ids"][0]
+    assert model.text_reference.prompt_ids == processor_ids
     bos = model.processor.tokenizer.bos_token
     prompt = model.text_prompt.removeprefix(bos)  # vLLM adds the BOS to a text prompt itself
     output = llm.generate({"prompt": prompt, "multi_modal_data": {"image": photos[0]}}, greedy(), use_tqdm=False)[0]
@@ -221,7 +224,7 @@ def test_text_prompt_is_tokenized_whole(engine, photos):
 
 def test_chat_renders_the_official_prompt(engine):
     """`LLM.chat` renders the chat template with the image where the message puts it (the official prompt) and
-    answers as transformers does on the template's text, tokenized whole.
+    answers as transformers does on the official ids.
 
     vLLM guesses whether a template reads message content as a list of parts by looking for a loop over
     `message['content']`; Honeybee's does not loop there, so the guess ("string") drops the image's position and

@@ -9,10 +9,11 @@ A sample is one JSON object per line (JSONL; a JSON array file, as LLaVA ships, 
 `gpt`/`assistant`, and an optional leading `system` turn that replaces the system prompt. A sample
 `{"image": ..., "caption": "..."}` is trained in the official pre-training format `[NO_PROMPT] <image> {caption}`.
 
-LLaVA writes `<image>` inside the human text; the official Honeybee layout gives each image its own human turn:
-`{SYSTEM}\\nHuman: <image>\\nHuman: {question}\\nAI: {answer}\\nHuman: ...`. Labels follow the official rule
-(honeybee/tokenization_honeybee.py, implemented by `HoneybeeProcessor.encode_prompt`): only the answers after
-"\\nAI: " and their `</s>` are learned; everything else is -100.
+LLaVA writes `<image>` inside the human text; the official Honeybee layout gives each image its own human turn, so each
+sample becomes chat messages with one image item per `<image>`, which the processor's chat template renders in the
+official format. The processor tokenizes it, truncates it (never inside an image's placeholders) and labels it by
+the official rule (honeybee/tokenization_honeybee.py): only the answers after "\\nAI: " and their `</s>` are
+learned; everything else is -100.
 
 Bad samples are reported as `file:line: problem` (and appended to a JSONL report file when one is given). With
 `bad_samples="skip"` they are left out (problems found while loading an image mid-run are replaced by the next
@@ -29,11 +30,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..processing_honeybee import AI, HUMAN, NO_PROMPT, SYSTEM_PROMPT, load_rgb_image
+from ..processing_honeybee import AI, HUMAN, IMAGE_TOKEN, NO_PROMPT, SYSTEM_PROMPT, load_rgb_image
 
 logger = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<image>"
 USER_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant"}
 IGNORE_INDEX = -100
@@ -51,19 +51,20 @@ class BadSampleError(ValueError):
 @dataclass
 class Sample:
     where: str  # file:line, for messages
-    prompt: str  # the official prompt, with one <image> per image
-    images: list  # absolute image paths, in prompt order
+    messages: list  # chat messages, with one image item per image
+    images: list  # absolute image paths, in message order
 
 
 def _is_main_process():
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def conversation_to_prompt(conversations, num_images, system_prompt=SYSTEM_PROMPT):
-    """LLaVA turns -> the official prompt. Raises `ValueError` (the problem, without location) on bad input.
+def conversation_to_messages(conversations, num_images, system_prompt=SYSTEM_PROMPT):
+    """LLaVA turns -> chat messages. Raises `ValueError` (the problem, without location) on bad input.
 
-    Each `<image>` of a human turn becomes its own "\\nHuman: <image>" turn ahead of that turn's text. A sample
-    with images but no `<image>` anywhere gets them at the start of its first human turn, as LLaVA does.
+    Each `<image>` of a human turn becomes an image item ahead of that turn's text (in the official prompt, its own
+    "\\nHuman: <image>" turn). A sample with images but no `<image>` anywhere gets them at the start of its first
+    human turn, as LLaVA does.
     """
     if not isinstance(conversations, list) or not conversations:
         raise ValueError("'conversations' must be a non-empty list of turns")
@@ -82,8 +83,8 @@ def conversation_to_prompt(conversations, num_images, system_prompt=SYSTEM_PROMP
         for marker in (HUMAN, AI):
             if marker in text:
                 raise ValueError(f"turn {i} contains the role marker {marker!r}, which would corrupt the labels")
-        if text.lstrip().startswith("[NO_PROMPT]"):
-            raise ValueError(f"turn {i} starts with [NO_PROMPT], which is reserved for caption samples")
+        if text.lstrip().startswith(NO_PROMPT):
+            raise ValueError(f"turn {i} starts with {NO_PROMPT}, which is reserved for caption samples")
         if role in ASSISTANT_ROLES:
             if IMAGE_TOKEN in text:
                 raise ValueError(f"assistant turn {i} contains {IMAGE_TOKEN}")
@@ -102,24 +103,27 @@ def conversation_to_prompt(conversations, num_images, system_prompt=SYSTEM_PROMP
         more = "more" if placeholders > num_images else "fewer"
         counts = f"{placeholders} {IMAGE_TOKEN} but {num_images} image(s)"
         raise ValueError(f"the conversation has {counts} ({more} {IMAGE_TOKEN} than images)")
-    parts = [system_prompt]
+    messages = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}]
     for is_answer, text in turns:
         if is_answer:
-            parts.append(AI + text.strip())
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": text.strip()}]})
             continue
         pieces = text.split(IMAGE_TOKEN)
-        parts += [HUMAN + IMAGE_TOKEN] * (len(pieces) - 1)
         rest = "\n".join(p.strip() for p in pieces if p.strip())
-        if rest:
-            parts.append(HUMAN + rest)
-    return "".join(parts)
+        content = [{"type": "image"}] * (len(pieces) - 1) + ([{"type": "text", "text": rest}] if rest else [])
+        messages.append({"role": "user", "content": content})
+    return messages
 
 
-def caption_to_prompt(caption):
-    """The official pre-training format: `<s> <image> caption </s>`, loss on the caption and `</s>`."""
+def caption_to_messages(caption):
+    """The official pre-training format, `<s> <image> caption </s>` with the loss on the caption and `</s>`."""
     if not isinstance(caption, str) or not caption.strip():
         raise ValueError("'caption' must be a non-empty string")
-    return NO_PROMPT + caption.strip()
+    return [
+        {"role": "system", "content": [{"type": "text", "text": NO_PROMPT}]},
+        {"role": "user", "content": [{"type": "image"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": caption.strip()}]},
+    ]
 
 
 def _image_list(record):
@@ -176,18 +180,18 @@ def parse_sample(where, record, image_root, system_prompt=SYSTEM_PROMPT, verify_
             raise ValueError("a sample must be a JSON object")
         images = [os.path.join(image_root, p) for p in _image_list(record)]
         if "conversations" in record:
-            prompt = conversation_to_prompt(record["conversations"], len(images), system_prompt)
+            messages = conversation_to_messages(record["conversations"], len(images), system_prompt)
         elif "caption" in record:
             if len(images) != 1:
                 raise ValueError(f"a caption sample needs exactly one image, got {len(images)}")
-            prompt = caption_to_prompt(record["caption"])
+            messages = caption_to_messages(record["caption"])
         else:
             raise ValueError("a sample needs 'conversations' (or 'caption' with one 'image')")
         for image in images:
             _check_image(image, verify_images)
     except ValueError as error:
         raise BadSampleError(where, str(error)) from None
-    return Sample(where, prompt, images)
+    return Sample(where, messages, images)
 
 
 class BadSampleReport:
@@ -271,23 +275,28 @@ class HoneybeeConversationDataset(Dataset):
 
     def encode(self, sample):
         """Sample -> dict(input_ids, labels, pixel_values or None); `BadSampleError` if it cannot be used."""
-        ids, mask = self.processor.encode_prompt(sample.prompt)
-        if self.max_length is not None and len(ids) > self.max_length:
-            if self.processor.image_token_id in ids[self.max_length :]:
-                problem = f"{len(ids)} tokens: max_length={self.max_length} would cut an image out"
-                raise BadSampleError(sample.where, problem)
-            ids, mask = ids[: self.max_length], mask[: self.max_length]
-        if not any(mask):
-            raise BadSampleError(sample.where, f"no answer token is left within max_length={self.max_length}")
-        pixel_values = None
-        if sample.images:
+        images = []
+        for path in sample.images:
             try:
-                images = [load_rgb_image(path) for path in sample.images]
-                pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
-            except (ValueError, TypeError, OSError, RuntimeError) as error:  # undecodable or unusable pixels
+                images.append(load_rgb_image(path))
+            except (ValueError, OSError) as error:  # undecodable, though its header looked fine
                 raise BadSampleError(sample.where, str(error)) from None
-        labels = [i if m else IGNORE_INDEX for i, m in zip(ids, mask)]
-        return {"input_ids": ids, "labels": labels, "pixel_values": pixel_values}
+        prompt = self.processor.apply_chat_template(sample.messages)
+        try:
+            encoded = self.processor(
+                text=prompt,
+                images=images or None,
+                return_labels=True,
+                padding=False,
+                truncation=self.max_length is not None,
+                max_length=self.max_length,
+            )
+        except (ValueError, TypeError, OSError, RuntimeError) as error:  # an image cut, or unusable pixels
+            raise BadSampleError(sample.where, str(error)) from None
+        ids, labels = [list(map(int, row)) for row in (encoded["input_ids"][0], encoded["labels"][0])]
+        if all(label == IGNORE_INDEX for label in labels):
+            raise BadSampleError(sample.where, f"no answer token is left within max_length={self.max_length}")
+        return {"input_ids": ids, "labels": labels, "pixel_values": encoded.get("pixel_values")}
 
     def __getitem__(self, index):
         for offset in range(len(self.samples)):
@@ -336,7 +345,7 @@ __all__ = [
     "BadSampleError",
     "HoneybeeCollator",
     "HoneybeeConversationDataset",
-    "caption_to_prompt",
-    "conversation_to_prompt",
+    "caption_to_messages",
+    "conversation_to_messages",
     "parse_sample",
 ]
