@@ -32,6 +32,7 @@ import gc
 import json
 from pathlib import Path
 
+import _common as C
 import torch
 from transformers import (
     CLIPVisionConfig,
@@ -43,7 +44,6 @@ from transformers import (
 )
 from transformers.generation import StoppingCriteria, StoppingCriteriaList
 
-import _common as C
 from honeybee_hf.configuration_honeybee import HoneybeeConfig
 from honeybee_hf.modeling_honeybee import HoneybeeForConditionalGeneration
 
@@ -54,14 +54,22 @@ SIZES = {
     # CLIP ViT-L/14 + Vicuna-7B-v1.5: per token ~0.30 B vision vs ~6.5 B LLM parameters (ratio ~0.047)
     "7b": dict(
         vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
-        text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
+        text=dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+        ),
         cabs=dict(hidden_size=1024, depth=3, mlp_depth=2),
         dabs=dict(d_model=1024, decoder_layers=6, decoder_attention_heads=8, decoder_n_points=4, decoder_ffn_dim=1024),
     ),
     # Same structure, shrunk to run on 2 CPU cores; vision/LLM parameters per token ~0.8 M / ~17 M (ratio ~0.05).
     "small": dict(
         vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4),
-        text=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=5, num_attention_heads=8, num_key_value_heads=8),
+        text=dict(
+            hidden_size=512, intermediate_size=1408, num_hidden_layers=5, num_attention_heads=8, num_key_value_heads=8
+        ),
         cabs=dict(hidden_size=128, depth=3, mlp_depth=2),
         dabs=dict(d_model=128, decoder_layers=6, decoder_attention_heads=8, decoder_n_points=4, decoder_ffn_dim=128),
     ),
@@ -79,7 +87,9 @@ REFERENCE = "LLaVA-1.5 @336"
 
 
 def vision_config(size, image_size):
-    return CLIPVisionConfig(**SIZES[size]["vision"], image_size=image_size, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+    return CLIPVisionConfig(
+        **SIZES[size]["vision"], image_size=image_size, patch_size=14, projection_dim=768, hidden_act="quick_gelu"
+    )
 
 
 def text_config(size, num_hidden_layers=None):
@@ -87,8 +97,14 @@ def text_config(size, num_hidden_layers=None):
     if num_hidden_layers is not None:
         text["num_hidden_layers"] = num_hidden_layers
     return LlamaConfig(
-        vocab_size=VOCAB, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, **text,
+        vocab_size=VOCAB,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **text,
     )
 
 
@@ -105,16 +121,31 @@ def build_models(size, device, dtype):
             for name in MODELS:
                 kind, image_size, projector, _ = MODELS[name]
                 if kind == "honeybee":
-                    projector_config = dict(projector_type=projector, num_query_tokens=MODELS[name][3], **SIZES[size]["cabs" if projector == "c-abs" else "dabs"])
-                    config = HoneybeeConfig(vision_config=vision_config(size, image_size), projector_config=projector_config, text_config=text_config(size, 1), image_token_id=IMAGE_TOKEN)
+                    projector_config = dict(
+                        projector_type=projector,
+                        num_query_tokens=MODELS[name][3],
+                        **SIZES[size]["cabs" if projector == "c-abs" else "dabs"],
+                    )
+                    config = HoneybeeConfig(
+                        vision_config=vision_config(size, image_size),
+                        projector_config=projector_config,
+                        text_config=text_config(size, 1),
+                        image_token_id=IMAGE_TOKEN,
+                    )
                     config._attn_implementation = "sdpa"
                     model = HoneybeeForConditionalGeneration(config)
                     if projector == "d-abs":
-                        model.abstractor.float()  # the D-Abstractor runs fp32, as the official one and our from_pretrained
+                        # the D-Abstractor runs fp32, as the official one and our from_pretrained
+                        model.abstractor.float()
                 else:
                     config = LlavaConfig(
-                        vision_config=vision_config(size, image_size), text_config=text_config(size, 1), image_token_index=IMAGE_TOKEN,
-                        image_seq_length=MODELS[name][3], projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
+                        vision_config=vision_config(size, image_size),
+                        text_config=text_config(size, 1),
+                        image_token_index=IMAGE_TOKEN,
+                        image_seq_length=MODELS[name][3],
+                        projector_hidden_act="gelu",
+                        vision_feature_layer=-2,
+                        vision_feature_select_strategy="default",
                     )
                     config._attn_implementation = "sdpa"
                     model = LlavaForConditionalGeneration(config)
@@ -149,14 +180,22 @@ def prefill_flops(size, dtype, batches, prompts):
                     if kind == "honeybee":
                         model.get_image_features(pixels, return_dict=False)
                     else:
-                        model.model.get_image_features(pixel_values=pixels, vision_feature_layer=-2, vision_feature_select_strategy="default")
+                        model.model.get_image_features(
+                            pixel_values=pixels, vision_feature_layer=-2, vision_feature_select_strategy="default"
+                        )
                     vision = counter.get_total_flops()
                     T = visual_tokens + prompt
                     embeds = torch.zeros(batch, T, llama.config.hidden_size, device=meta, dtype=dtype)
                     # explicit 4-D mask and positions: the mask helpers would call .item() (impossible on meta)
                     mask = torch.ones(batch, 1, T, T, dtype=torch.bool, device=meta).tril()
                     positions = torch.arange(T, device=meta)[None].expand(batch, -1)
-                    llama(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1, use_cache=False)
+                    llama(
+                        inputs_embeds=embeds,
+                        attention_mask=mask,
+                        position_ids=positions,
+                        logits_to_keep=1,
+                        use_cache=False,
+                    )
                 out[(batch, prompt, name)] = (vision, counter.get_total_flops())
     return out
 
@@ -168,8 +207,31 @@ def flops_table(flops, batches, prompts):
             ref = flops[(batch, prompt, REFERENCE)][1]
             for name in MODELS:
                 vision, total = flops[(batch, prompt, name)]
-                rows.append([batch, prompt, name, MODELS[name][3] + prompt, f"{vision / 1e9:,.1f}", f"{(total - vision) / 1e9:,.1f}", f"{total / 1e9:,.1f}", f"{total / ref:.2f}"])
-    return C.table(["B", "L (text)", "model", "prompt tokens", "vision + projector GFLOP", "LLM prefill GFLOP", "total GFLOP", "total / LLaVA@336"], rows)
+                rows.append(
+                    [
+                        batch,
+                        prompt,
+                        name,
+                        MODELS[name][3] + prompt,
+                        f"{vision / 1e9:,.1f}",
+                        f"{(total - vision) / 1e9:,.1f}",
+                        f"{total / 1e9:,.1f}",
+                        f"{total / ref:.2f}",
+                    ]
+                )
+    return C.table(
+        [
+            "B",
+            "L (text)",
+            "model",
+            "prompt tokens",
+            "vision + projector GFLOP",
+            "LLM prefill GFLOP",
+            "total GFLOP",
+            "total / LLaVA@336",
+        ],
+        rows,
+    )
 
 
 class Stamps(StoppingCriteria):
@@ -200,7 +262,14 @@ def make_inputs(kind, visual_tokens, image_size, batch, prompt, device, dtype, s
 def generate_once(model, inputs, new_tokens, device, clocks=("wall",)):
     """One greedy generate of exactly `new_tokens` tokens -> {clock: (ttft, [decode step times])}."""
     stamps = Stamps(device, clocks)
-    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=2, bos_token_id=1)
+    config = GenerationConfig(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
     C.synchronize(device)
     start = {c: C.CLOCKS[c]() for c in clocks}
     with torch.no_grad():
@@ -217,7 +286,10 @@ def run_case(variants, batch, prompt, args, device, dtype, clocks):
     """variants: {name: (model, kind, visual_tokens, image_size)}, run interleaved in this order.
 
     Returns {name: {clock: dict(ttft=[per run], steps=[[per step] per run]), "peak": bytes}}."""
-    inputs = {name: make_inputs(kind, vt, size, batch, prompt, device, dtype, seed=batch * 1000 + prompt) for name, (_, kind, vt, size) in variants.items()}
+    inputs = {
+        name: make_inputs(kind, vt, size, batch, prompt, device, dtype, seed=batch * 1000 + prompt)
+        for name, (_, kind, vt, size) in variants.items()
+    }
     for _ in range(args.warmup):  # short: the first calls of a shape set up kernels and allocator pools
         for name, (model, *_rest) in variants.items():
             generate_once(model, inputs[name], 2, device)
@@ -296,8 +368,10 @@ def measure_overhead(pairs, llama, batch, prompt, args, device, dtype, clocks):
     try:
         for name, wrapped, visual_tokens, image_size in pairs:
             seed = 7 + batch * 1000 + prompt
-            inputs = {"wrapped": make_inputs(MODELS[name][0], visual_tokens, image_size, batch, prompt, device, dtype, seed),
-                      "bare": make_inputs("llama", visual_tokens, None, batch, prompt, device, dtype, seed)}
+            inputs = {
+                "wrapped": make_inputs(MODELS[name][0], visual_tokens, image_size, batch, prompt, device, dtype, seed),
+                "bare": make_inputs("llama", visual_tokens, None, batch, prompt, device, dtype, seed),
+            }
             models = {"wrapped": wrapped, "bare": llama}
             caches = {k: prefilled_cache(models[k], inputs[k]) for k in models}
             for k in models:  # warm-up
@@ -334,20 +408,45 @@ def paired_overhead(wrapped_runs, bare_runs):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="batch 1, prompts 32 and 512, 3 runs, 8 new tokens (< 2 min on 2 CPU cores)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="batch 1, prompts 32 and 512, 3 runs, 8 new tokens (< 2 min on 2 CPU cores)",
+    )
     parser.add_argument("--size", default="small", choices=sorted(SIZES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--batch", type=int, nargs="+", default=None, help="default 1 8 (quick: 1)")
     parser.add_argument("--prompt", type=int, nargs="+", default=[32, 512], help="text tokens after the image")
     parser.add_argument("--new-tokens", type=int, default=None, help="generated tokens per call (default 32; quick: 8)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed generate calls per variant and case (default 5; quick: 3)")
-    parser.add_argument("--overhead-repeats", type=int, default=None, help="decode-only calls per model in part 2 (default 12; quick: 4)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed generate calls per variant and case (default 5; quick: 3)"
+    )
+    parser.add_argument(
+        "--overhead-repeats",
+        type=int,
+        default=None,
+        help="decode-only calls per model in part 2 (default 12; quick: 4)",
+    )
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a small or shared machine more threads make CPU timings erratic; 0 = torch's default)")
-    parser.add_argument("--replot", metavar="JSON", help="only redraw the plot from the .json a run wrote next to its report")
-    parser.add_argument("--flops-only", action="store_true", help="only count the prefill FLOPs (meta device: instant, any size, any machine)")
-    parser.add_argument("--out", default=None, help="markdown report (default benchmarks/results/e2e_<size>_<device>.md)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a small or shared machine more threads make CPU timings erratic; 0 = "
+        "torch's default)",
+    )
+    parser.add_argument(
+        "--replot", metavar="JSON", help="only redraw the plot from the .json a run wrote next to its report"
+    )
+    parser.add_argument(
+        "--flops-only",
+        action="store_true",
+        help="only count the prefill FLOPs (meta device: instant, any size, any machine)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="markdown report (default benchmarks/results/e2e_<size>_<device>.md)"
+    )
     args = parser.parse_args()
     if args.replot:
         data = json.loads(Path(args.replot).read_text())
@@ -363,11 +462,20 @@ def main():
     flops = prefill_flops(args.size, dtype, args.batch, args.prompt)
     if args.flops_only:
         size = SIZES[args.size]
-        lines = C.header(f"Prefill FLOPs, size `{args.size}` (counted, not timed)", torch.device("meta"), dtype, C.command_line(), [
-            f"size `{args.size}`: CLIP {size['vision']} (patch 14); Llama {size['text']}, vocab {VOCAB}; C-Abs {size['cabs']}; D-Abs {size['dabs']} (fp32)",
-            "torch.utils.flop_counter.FlopCounterMode on the meta device (matmuls, convolutions, attention as full T x T): "
-            "the machine plays no part; the LLM part computes logits for the last token only, as generate's prefill does",
-        ])
+        lines = C.header(
+            f"Prefill FLOPs, size `{args.size}` (counted, not timed)",
+            torch.device("meta"),
+            dtype,
+            C.command_line(),
+            [
+                f"size `{args.size}`: CLIP {size['vision']} (patch 14); Llama {size['text']}, vocab {VOCAB}; C-Abs "
+                f"{size['cabs']}; D-Abs {size['dabs']} (fp32)",
+                "torch.utils.flop_counter.FlopCounterMode on the meta device (matmuls, convolutions, attention as full "
+                "T x T): "
+                "the machine plays no part; the LLM part computes logits for the last token only, as generate's "
+                "prefill does",
+            ],
+        )
         lines += flops_table(flops, args.batch, args.prompt)
         print("\n".join(lines))
         out = args.out or (C.RESULTS / f"e2e_{args.size}_flops.md")
@@ -388,8 +496,14 @@ def main():
             ref = stats[ref_name]
             for name in MODELS:
                 s = stats[name]
-                row = [batch, prompt, name, MODELS[name][3], MODELS[name][3] + prompt,
-                       f"{flops[(batch, prompt, name)][1] / flops[(batch, prompt, ref_name)][1]:.2f}"]
+                row = [
+                    batch,
+                    prompt,
+                    name,
+                    MODELS[name][3],
+                    MODELS[name][3] + prompt,
+                    f"{flops[(batch, prompt, name)][1] / flops[(batch, prompt, ref_name)][1]:.2f}",
+                ]
                 w = s["wall"]
                 row += [C.fmt_ms(C.median(w["ttft"]), w["ttft"])]
                 row += [" / ".join(f"{C.median(s[c]['ttft']) / C.median(ref[c]['ttft']):.2f}" for c in clocks)]
@@ -399,20 +513,37 @@ def main():
                 row += [" / ".join(f"{step_time(ref[c]['steps']) / step_time(s[c]['steps']):.2f}" for c in clocks)]
                 row += [C.fmt_mib(weights[name] + s["peak"]), C.fmt_mib(s["peak"])]
                 part1.append(row)
-                plot_rows.append((batch, prompt, name, {c: C.median(s[c]["ttft"]) / C.median(ref[c]["ttft"]) for c in clocks},
-                                  {c: step_time(ref[c]["steps"]) / step_time(s[c]["steps"]) for c in clocks}))
+                plot_rows.append(
+                    (
+                        batch,
+                        prompt,
+                        name,
+                        {c: C.median(s[c]["ttft"]) / C.median(ref[c]["ttft"]) for c in clocks},
+                        {c: step_time(ref[c]["steps"]) / step_time(s[c]["steps"]) for c in clocks},
+                    )
+                )
             ratios = {c: C.median(stats[c144][c]["ttft"]) / C.median(ref[c]["ttft"]) for c in clocks}
             same = {c: C.median(stats[c144][c]["ttft"]) / C.median(stats[same_res][c]["ttft"]) for c in clocks}
+            met = [r <= 0.4 for r in ratios.values()]
+            verdict = "met" if all(met) else "MISSED" if not any(met) else "met on one clock only"
             verdicts.append(
-                f"B={batch} L={prompt}: TTFT C-M144 / LLaVA@336 = " + " / ".join(f"{ratios[c]:.2f} ({c})" for c in clocks)
-                + f" -> target <= 0.4 {'met' if all(r <= 0.4 for r in ratios.values()) else 'MISSED' if all(r > 0.4 for r in ratios.values()) else 'met on one clock only'}"
-                + "; C-M144 / LLaVA@224 (same resolution) = " + " / ".join(f"{same[c]:.2f} ({c})" for c in clocks)
+                f"B={batch} L={prompt}: TTFT C-M144 / LLaVA@336 = "
+                + " / ".join(f"{ratios[c]:.2f} ({c})" for c in clocks)
+                + f" -> target <= 0.4 {verdict}"
+                + "; C-M144 / LLaVA@224 (same resolution) = "
+                + " / ".join(f"{same[c]:.2f} ({c})" for c in clocks)
             )
             pairs = [(c144, models[c144], 144, 224), (ref_name, models[ref_name], 576, 336)]
             for wrapped, st in measure_overhead(pairs, llama, batch, prompt, args, device, dtype, clocks):
                 w, b = st["wrapped"], st["bare"]
-                row = [batch, prompt, wrapped, MODELS[wrapped][3] + prompt,
-                       f"{step_time(w['wall']['steps']) * 1e3:.2f}", f"{step_time(b['wall']['steps']) * 1e3:.2f}"]
+                row = [
+                    batch,
+                    prompt,
+                    wrapped,
+                    MODELS[wrapped][3] + prompt,
+                    f"{step_time(w['wall']['steps']) * 1e3:.2f}",
+                    f"{step_time(b['wall']['steps']) * 1e3:.2f}",
+                ]
                 overheads = {}
                 for c in clocks:
                     paired = paired_overhead(w[c]["steps"], b[c]["steps"])
@@ -425,43 +556,96 @@ def main():
                 deltas = [C.median(x) - C.median(y) for x, y in zip(w[clock]["outside"], b[clock]["outside"])]
                 delta, bare_step = C.median(deltas), step_time(b[clock]["steps"])
                 lo, hi = C.spread(deltas)
-                row += [f"{outside_w * 1e6:.0f} / {outside_b * 1e6:.0f}", f"{delta * 1e6:+.0f} ({lo * 1e6:+.0f} to {hi * 1e6:+.0f})", f"{delta / bare_step * 100:+.2f}%"]
+                row += [
+                    f"{outside_w * 1e6:.0f} / {outside_b * 1e6:.0f}",
+                    f"{delta * 1e6:+.0f} ({lo * 1e6:+.0f} to {hi * 1e6:+.0f})",
+                    f"{delta / bare_step * 100:+.2f}%",
+                ]
                 part2.append(row)
                 if wrapped == c144:
                     verdicts.append(
-                        f"B={batch} L={prompt}: Honeybee decode step vs bare Llama: the wrapper costs {delta * 1e6:+.0f} µs per step outside the LLM "
-                        f"({clock} clock) = {delta / bare_step * 100:+.2f}% of a bare step -> target <= +2% {'met' if delta / bare_step <= 0.02 else 'MISSED'}; "
-                        "whole steps compared directly: " + " / ".join(f"{overheads[c] * 100:+.1f}% ({c})" for c in clocks)
+                        f"B={batch} L={prompt}: Honeybee decode step vs bare Llama: the wrapper costs "
+                        f"{delta * 1e6:+.0f} µs per step outside the LLM "
+                        f"({clock} clock) = {delta / bare_step * 100:+.2f}% of a bare step -> target <= +2% "
+                        f"{'met' if delta / bare_step <= 0.02 else 'MISSED'}; "
+                        "whole steps compared directly: "
+                        + " / ".join(f"{overheads[c] * 100:+.1f}% ({c})" for c in clocks)
                     )
             print(f"done B={batch} L={prompt}", flush=True)
 
     size = SIZES[args.size]
     clock_note = " / ".join(clocks)
     extra = [
-        f"size `{args.size}`: CLIP {size['vision']} (patch 14); Llama {size['text']}, vocab {VOCAB}; C-Abs {size['cabs']}; D-Abs {size['dabs']} (fp32)",
-        f"generate: greedy, exactly {args.new_tokens} new tokens, sdpa attention, KV cache; {args.warmup} short warm-up + {args.repeats} timed calls per variant, variants interleaved (A B C ... then ... C B A)",
+        f"size `{args.size}`: CLIP {size['vision']} (patch 14); Llama {size['text']}, vocab {VOCAB}; C-Abs "
+        f"{size['cabs']}; D-Abs {size['dabs']} (fp32)",
+        f"generate: greedy, exactly {args.new_tokens} new tokens, sdpa attention, KV cache; {args.warmup} short "
+        f"warm-up + {args.repeats} timed calls per variant, variants interleaved (A B C ... then ... C B A)",
         "TTFT = median time from the generate call to the first token (vision tower + projector + LLM prefill); "
-        "decode tok/s = batch / median time between consecutive tokens (all steps of all runs); p20–p80 over runs in brackets",
-        ("ratios are given on two clocks, `wall / cpu`: wall-clock, and the CPU time of this process (time.process_time), "
-         "which does not count time the cores spent on other processes; when they disagree, the machine was busy"
-         if len(clocks) > 1 else "clock: wall time, CUDA synchronised at every token"),
-        "peak MiB = weights of the model (the shared Llama counted in full for each) + peak of torch-allocated bytes during one generate call "
-        + ("(torch.profiler CPU allocation events)" if device.type == "cpu" else "(torch.cuda.max_memory_allocated)") + "; 'during' is that second part alone",
-        f"part 1 ratios are against {REFERENCE} in the same run; 'prefill FLOPs' is counted (FlopCounterMode, see --flops-only), not timed",
-        f"part 2: {args.overhead_repeats} decode-only generate calls of {args.new_tokens} tokens per model, resumed from a prefilled KV cache, "
-        "wrapped and bare alternating. 'whole step' = median over back-to-back pairs of (median step wrapped / median step bare) − 1, "
-        "p20 to p80 over pairs in brackets: the direct comparison, as noisy as the LLM's compute. 'outside the LLM' = step time minus the time "
-        "inside the shared Llama's decoder stack and lm_head (forward hooks on both models): the wrapped-minus-bare difference of it is the "
-        "wrapper's cost per step (generate loop, prepare_inputs_for_generation, the wrapper's forward), free of the LLM's noise",
+        "decode tok/s = batch / median time between consecutive tokens (all steps of all runs); p20–p80 over runs in "
+        "brackets",
+        (
+            "ratios are given on two clocks, `wall / cpu`: wall-clock, and the CPU time of this process "
+            "(time.process_time), "
+            "which does not count time the cores spent on other processes; when they disagree, the machine was busy"
+            if len(clocks) > 1
+            else "clock: wall time, CUDA synchronised at every token"
+        ),
+        "peak MiB = weights of the model (the shared Llama counted in full for each) + peak of torch-allocated bytes "
+        "during one generate call "
+        + ("(torch.profiler CPU allocation events)" if device.type == "cpu" else "(torch.cuda.max_memory_allocated)")
+        + "; 'during' is that second part alone",
+        f"part 1 ratios are against {REFERENCE} in the same run; 'prefill FLOPs' is counted (FlopCounterMode, see "
+        f"--flops-only), not timed",
+        f"part 2: {args.overhead_repeats} decode-only generate calls of {args.new_tokens} tokens per model, resumed "
+        f"from a prefilled KV cache, "
+        "wrapped and bare alternating. 'whole step' = median over back-to-back pairs of (median step wrapped / median "
+        "step bare) − 1, "
+        "p20 to p80 over pairs in brackets: the direct comparison, as noisy as the LLM's compute. 'outside the LLM' = "
+        "step time minus the time "
+        "inside the shared Llama's decoder stack and lm_head (forward hooks on both models): the wrapped-minus-bare "
+        "difference of it is the "
+        "wrapper's cost per step (generate loop, prepare_inputs_for_generation, the wrapper's forward), free of the "
+        "LLM's noise",
     ]
     lines = C.header(f"End-to-end generation, size `{args.size}`", device, dtype, C.command_line(), extra)
     lines += ["### Part 1: prefill and decode vs LLaVA-1.5", ""]
-    lines += C.table(["B", "L (text)", "model", "visual tokens", "prompt tokens", "prefill FLOPs / LLaVA@336", "TTFT ms wall (p20–p80)", f"TTFT / LLaVA@336 ({clock_note})",
-                      "decode tok/s wall (p20–p80)", f"decode speed / LLaVA@336 ({clock_note})", "peak MiB", "during generate MiB"], part1)
-    lines += ["", "### Part 2: decode overhead of the wrapper vs the bare Llama (same weights, same sequence length)", ""]
-    lines += C.table(["B", "L (text)", "wrapped model (vs the bare Llama)", "sequence before decode", "wrapped ms/step (wall)", "bare ms/step (wall)",
-                      *[f"whole step: wrapped / bare − 1, {c} clock (p20 to p80)" for c in clocks],
-                      f"outside the LLM µs/step wrapped / bare ({clocks[-1]}, median of run medians)", "wrapper cost µs/step (p20 to p80)", "wrapper cost / bare step"], part2)
+    lines += C.table(
+        [
+            "B",
+            "L (text)",
+            "model",
+            "visual tokens",
+            "prompt tokens",
+            "prefill FLOPs / LLaVA@336",
+            "TTFT ms wall (p20–p80)",
+            f"TTFT / LLaVA@336 ({clock_note})",
+            "decode tok/s wall (p20–p80)",
+            f"decode speed / LLaVA@336 ({clock_note})",
+            "peak MiB",
+            "during generate MiB",
+        ],
+        part1,
+    )
+    lines += [
+        "",
+        "### Part 2: decode overhead of the wrapper vs the bare Llama (same weights, same sequence length)",
+        "",
+    ]
+    lines += C.table(
+        [
+            "B",
+            "L (text)",
+            "wrapped model (vs the bare Llama)",
+            "sequence before decode",
+            "wrapped ms/step (wall)",
+            "bare ms/step (wall)",
+            *[f"whole step: wrapped / bare − 1, {c} clock (p20 to p80)" for c in clocks],
+            f"outside the LLM µs/step wrapped / bare ({clocks[-1]}, median of run medians)",
+            "wrapper cost µs/step (p20 to p80)",
+            "wrapper cost / bare step",
+        ],
+        part2,
+    )
     lines += ["", "### Targets", ""] + [f"- {v}" for v in verdicts]
     print("\n".join(lines))
     out = args.out or (C.RESULTS / f"e2e_{args.size}_{device.type}{'_quick' if args.quick else ''}.md")
@@ -478,22 +662,27 @@ def plot(rows, path, subtitle):
     plt = C.pyplot()
     if plt is None:
         return None
-    cases = sorted({(b, l) for b, l, *_ in rows})
+    cases = sorted({(b, length) for b, length, *_ in rows})
     names = list(MODELS)
     colors = ["tab:gray", "silver", "tab:orange", "gold", "tab:blue"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.0))
     width = 0.8 / len(names)
-    for ax, index, label in ((axes[0], 3, "time to first token / LLaVA-1.5@336 (lower is better)"), (axes[1], 4, "decode speed / LLaVA-1.5@336 (higher is better)")):
+    for ax, index, label in (
+        (axes[0], 3, "time to first token / LLaVA-1.5@336 (lower is better)"),
+        (axes[1], 4, "decode speed / LLaVA-1.5@336 (higher is better)"),
+    ):
         for i, name in enumerate(names):
             xs = [c + (i - (len(names) - 1) / 2) * width for c in range(len(cases))]
-            picked = [next(r[index] for r in rows if r[0] == b and r[1] == l and r[2] == name) for b, l in cases]
+            picked = [
+                next(r[index] for r in rows if r[0] == b and r[1] == length and r[2] == name) for b, length in cases
+            ]
             ax.bar(xs, [p["wall"] for p in picked], width, label=name, color=colors[i % len(colors)])
             if "cpu" in picked[0]:
                 ax.plot(xs, [p["cpu"] for p in picked], "k.", markersize=4, label="CPU-time clock" if i == 0 else None)
         ax.axhline(1.0, color="black", linewidth=0.8)
         if index == 3:
             ax.axhline(0.4, color="tab:red", linewidth=0.8, linestyle="--", label="target 0.4x (C-M144)")
-        ax.set_xticks(range(len(cases)), [f"B={b}, L={l}" for b, l in cases])
+        ax.set_xticks(range(len(cases)), [f"B={b}, L={length}" for b, length in cases])
         ax.set_title(label, fontsize=9)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
