@@ -69,7 +69,10 @@ def setup(root):
     # batch of an epoch holds one sample in one process, and accelerate wraps around to fill it in two).
     samples = [image_sample(name) for name in sorted(ANSWERS)[:4]]
     data = write_jsonl(photos / "train.jsonl", samples)
-    return {"root": root, "base": make_base(unique_folder(root, "hb_engines_base"), "d-abs"), "data": data}
+    # No dropout anywhere (the D-Abstractor's default is 0.1; LoRA's is off through --lora_dropout 0): one process
+    # draws one mask for its batch of 2, each rank its own for a batch of 1, so the gradients would differ by design.
+    base = make_base(unique_folder(root, "hb_engines_base"), "d-abs", dropout=0.0)
+    return {"root": root, "base": base, "data": data}
 
 
 def train_args(setup, out, stage, batch):

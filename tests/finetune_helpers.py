@@ -20,8 +20,8 @@ def unique_folder(parent, stem):
     return Path(parent) / f"{stem}_{uuid.uuid4().hex[:10]}"
 
 
-def make_base(folder, projector_type="c-abs", seed=0):
-    """A tiny random Honeybee saved as a Hub folder; returns the folder.
+def make_base(folder, projector_type="c-abs", seed=0, **projector):
+    """A tiny random Honeybee saved as a Hub folder; returns the folder. `projector`: overrides of its config.
 
     Its `lm_head` is drawn with std 0.5 instead of 0.02: behind Llama's final RMSNorm, a 0.02 head caps every
     logit near 0.6, and LoRA (which leaves the head and the norm frozen) could never fit anything. Real LLMs have
@@ -30,7 +30,7 @@ def make_base(folder, projector_type="c-abs", seed=0):
     from honeybee_hf.export.hub import save_hub_folder
     from honeybee_hf.export.tiny import tiny_config, tiny_model, tiny_processor
 
-    config = tiny_config(projector_type)
+    config = tiny_config(projector_type, **projector)
     model, processor = tiny_model(config, seed), tiny_processor(config)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():

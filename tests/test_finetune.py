@@ -258,6 +258,50 @@ def test_lora_target_is_restricted_to_the_language_model():
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Loss normalisation: a batch of 2 in one process = two data-parallel ranks of 1
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", ["full", "lora"])
+def test_two_ranks_of_one_sample_get_the_gradient_of_one_batch_of_two(stage, base, tmp_path):
+    """Trainer gives each rank `num_items_in_batch`, the supervised tokens of the whole global batch, if the model's
+    forward passes it to its loss; each rank's loss is then its tokens' summed loss over that global count (times the
+    world size, which the gradient all-reduce's mean divides out). Summed over the ranks, those gradients must equal a
+    batch of 2 padded by our collator, and both the reference: each sample's own token-mean gradient, weighted by its
+    share of the tokens. A plain mean of the two per-sample means would differ here (15 vs 6 supervised tokens; 78 vs
+    56 ids, so the batch right-pads the second by 22)."""
+    from transformers import TrainingArguments
+
+    processor = load_processor(base)
+    ds = _dataset(tmp_path, [image_sample("ca.jpeg"), text_sample(*TEXT_ONLY)], processor)
+    collate = HoneybeeCollator(processor.tokenizer.pad_token_id)
+    args = finetune.FinetuneArguments(model=str(base), data=[], stage=stage, lora_dropout=0.0)
+    model = finetune.prepare_model(load_model(base), args).train()  # a tiny C-Abstractor model: no dropout
+    training_args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none")
+    trainer = finetune.HoneybeeTrainer(model=model, args=training_args)
+    assert trainer.model_accepts_loss_kwargs and training_args.average_tokens_across_devices
+
+    def gradient(batch, num_items_in_batch=None):
+        model.zero_grad()
+        loss = trainer.compute_loss(model, batch, num_items_in_batch=num_items_in_batch)
+        loss.backward()
+        trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in trained}  # None: unused
+
+    tokens = [sum(label != -100 for label in ds[i]["labels"][1:]) for i in range(2)]  # shifted: t predicts t + 1
+    assert tokens[0] != tokens[1]
+    total = torch.tensor(sum(tokens))
+    one_batch = gradient(collate([ds[0], ds[1]]), total)
+    ranks = [gradient(collate([ds[i]]), total) for i in range(2)]
+    alone = [gradient(collate([ds[i]])) for i in range(2)]
+    for name, reference in one_batch.items():
+        weighted = (tokens[0] * alone[0][name] + tokens[1] * alone[1][name]) / total
+        scale = weighted.abs().max().item() + 1e-6
+        torch.testing.assert_close(one_batch[name], weighted, atol=1e-4 * scale, rtol=1e-4)
+        torch.testing.assert_close(ranks[0][name] + ranks[1][name], weighted, atol=1e-4 * scale, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Overfitting, adapters, merging
 # --------------------------------------------------------------------------------------------------------------
 
