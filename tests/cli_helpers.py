@@ -27,7 +27,12 @@ UPSTREAM_STARTUP_LINES = {
     # Hub folder names (ours: CLIPImageProcessor) because the caller left `use_fast` unset (5.x picks the fast one
     # silently). Not a start-up line, and ours to settle: which image processor a Honeybee folder asks for is the
     # processor's decision, left to it (it is the README's plain AutoProcessor.from_pretrained load too).
-    "transformers 4 slow image processor": re.compile(r"^Using a slow image processor as `use_fast` is unset "),
+    # The line comes bare, or with the logging prefix once honeybee-finetune has configured logging (`... WARNING
+    # transformers.models.auto.image_processing_auto: Using a slow ...`).
+    "transformers 4 slow image processor": re.compile(
+        r"(^|WARNING transformers\.models\.auto\.image_processing_auto: )"
+        r"Using a slow image processor as `use_fast` is unset "
+    ),
 }
 
 
