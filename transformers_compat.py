@@ -9,7 +9,6 @@ import json
 
 import transformers
 from tokenizers import Tokenizer
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
@@ -21,6 +20,10 @@ def attention_registry_resolves_names():
     The lookups themselves stay in modeling_honeybee.py: both versions allow `set_attn_implementation` only when they
     find those very calls in the model's own source file (`PreTrainedModel._can_set_attn_implementation`).
     """
+    # imported here: transformers.modeling_utils imports the quantizer integrations (torchao, bitsandbytes), which
+    # print at start; the converter's and publisher's --help import this module but need none of that
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     return hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface")
 
 
