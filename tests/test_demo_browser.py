@@ -44,7 +44,7 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from honeybee_hf.processing_honeybee import CAPTION_QUESTION  # noqa: E402
+from honeybee_hf.pipeline_honeybee import CAPTION_QUESTION  # noqa: E402
 
 PHOTO = "mug_ad.jpeg"
 WAIT = 90  # seconds any one step may take on a loaded 2-core machine (the server's start included)
