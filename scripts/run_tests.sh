@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, with its environments (created on first use by scripts/setup_envs.sh): all of it once on
 # transformers 4.57.6 (tf4) and once on 5.23.0 (tf5), then the vLLM tests in .venvs/vllm and the llm-compressor
-# tests in .venvs/llmc and the web demo's browser test in .venvs/web (elsewhere they skip, saying why; run as root,
+# tests in .venvs/llmc, the DeepSpeed test in .venvs/ds and the web demo's browser test in .venvs/web (elsewhere they skip, saying why; run as root,
 # this installs the headless Chromium it drives with apt-get when missing). Extra arguments go to pytest, e.g.
 # `bash scripts/run_tests.sh -k pipelines`. Ends with the time each environment took to set up and to test.
 set -euo pipefail
