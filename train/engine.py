@@ -3,7 +3,8 @@ DeepSpeed run on CPUs.
 
 A launch asks for an engine through accelerate's environment (`accelerate launch --config_file`: ACCELERATE_USE_FSDP,
 ACCELERATE_USE_DEEPSPEED) or through `TrainingArguments` flags under torchrun (`--fsdp`, `--deepspeed`); several
-processes without either ask for DDP. What runs is what accelerate's `AcceleratorState` settled on, which can be less:
+processes without either ask for DDP. What runs is what accelerate's `AcceleratorState` settled on, which can be less
+(`check_engine` says so).
 """
 
 import os
