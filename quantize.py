@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from ..cli import CommandError, add_debug_flag, console_script
-from ..modeling_honeybee import HoneybeeForConditionalGeneration
-from ..pipeline_honeybee import CAPTION_QUESTION
-from ..processing_honeybee import HoneybeeProcessor
-from .hub import staging_folder, write_support_files
-from .model_card import render_model_card
+from .cli import CommandError, add_debug_flag, console_script
+from .hub.folder import staging_folder, write_support_files
+from .hub.model_card import render_model_card
+from .modeling_honeybee import HoneybeeForConditionalGeneration
+from .pipeline_honeybee import CAPTION_QUESTION
+from .processing_honeybee import HoneybeeProcessor
 
-CALIBRATION_IMAGES = sorted((Path(__file__).resolve().parent.parent / "assets" / "images").glob("*.jpeg"))
+CALIBRATION_IMAGES = sorted((Path(__file__).resolve().parent / "assets" / "images").glob("*.jpeg"))
 
 # Regular expressions (compressed-tensors' "re:" targets, matched against full module names) for the modules that
 # stay unquantized: the vision tower, the projector and the LM head, wherever the model nests them (under a base

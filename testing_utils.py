@@ -9,14 +9,14 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from ..configuration_honeybee import HoneybeeConfig
-from ..modeling_honeybee import HoneybeeForConditionalGeneration
-from ..processing_honeybee import HoneybeeProcessor
-from .hub import save_hub_folder
-from .official import official_image_processor
-from .tokenizer import load_backend, save_tokenizer_files
+from .configuration_honeybee import HoneybeeConfig
+from .export.official import official_image_processor
+from .export.tokenizer import load_backend, save_tokenizer_files
+from .hub.folder import save_hub_folder
+from .modeling_honeybee import HoneybeeForConditionalGeneration
+from .processing_honeybee import HoneybeeProcessor
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parent / "assets"
 TOY_SPM = ASSETS / "toy_spm.model"
 TOY_VOCAB = 600  # sentencepiece pieces; <image> is appended as id 600
 # Language-model overrides for vLLM's CPU attention, which refuses head sizes below 32 (the default's is 8), and for

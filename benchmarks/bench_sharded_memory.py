@@ -30,8 +30,8 @@ ENGINES = {
 
 
 def make_wide_base(folder):
-    from honeybee_hf.export.hub import save_hub_folder
-    from honeybee_hf.export.tiny import tiny_config, tiny_model, tiny_processor
+    from honeybee_hf.hub.folder import save_hub_folder
+    from honeybee_hf.testing_utils import tiny_config, tiny_model, tiny_processor
 
     config = tiny_config("c-abs", text=WIDE_TEXT)
     model = tiny_model(config, seed=0)

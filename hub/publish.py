@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..cli import add_debug_flag, console_script
-from .hub import CODE_FILES
+from .folder import CODE_FILES
 
 SUPPORT_FILES = (
     "config.json",

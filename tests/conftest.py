@@ -37,7 +37,7 @@ def photo(i=0):
 def tiny_folder(tmp_path):
     """Factory: save a tiny random Honeybee as a Hub folder with a unique basename (transformers 4.x caches
     remote code by folder basename) and return (folder, in-memory model, processor)."""
-    from honeybee_hf.export.tiny import save_tiny_hub_folder
+    from honeybee_hf.testing_utils import save_tiny_hub_folder
 
     def make(projector_type="c-abs", seed=0, **projector):
         folder = tmp_path / f"hb_{projector_type.replace('-', '')}_{seed}_{next(_folder_ids)}_{tmp_path.name[-12:]}"

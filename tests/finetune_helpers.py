@@ -27,8 +27,8 @@ def make_base(folder, projector_type="c-abs", seed=0, **projector):
     logit near 0.6, and LoRA (which leaves the head and the norm frozen) could never fit anything. Real LLMs have
     large logit ranges; this only gives the toy one.
     """
-    from honeybee_hf.export.hub import save_hub_folder
-    from honeybee_hf.export.tiny import tiny_config, tiny_model, tiny_processor
+    from honeybee_hf.hub.folder import save_hub_folder
+    from honeybee_hf.testing_utils import tiny_config, tiny_model, tiny_processor
 
     config = tiny_config(projector_type, **projector)
     model, processor = tiny_model(config, seed), tiny_processor(config)
@@ -41,7 +41,7 @@ def make_base(folder, projector_type="c-abs", seed=0, **projector):
 
 
 def small_photos(folder):
-    from honeybee_hf.export.tiny import shrink_photos
+    from honeybee_hf.testing_utils import shrink_photos
 
     return shrink_photos(ANSWERS, folder)
 

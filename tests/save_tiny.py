@@ -8,7 +8,7 @@ import sys
 
 from safetensors.torch import save_file
 
-from honeybee_hf.export.tiny import save_tiny_hub_folder
+from honeybee_hf.testing_utils import save_tiny_hub_folder
 from load_and_run import run
 
 if __name__ == "__main__":

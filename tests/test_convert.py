@@ -26,9 +26,9 @@ from safetensors.torch import load_file
 from conftest import TESTS, other_python, run_script
 from honeybee_hf.export import convert as convert_module
 from honeybee_hf.export.convert import ConversionError, convert_official_checkpoint, main
-from honeybee_hf.export.hub import save_hub_folder
 from honeybee_hf.export.official import UNUSED_VISION_PREFIX, official_config_to_kwargs, official_key
-from honeybee_hf.export.tiny import TOY_SPM, tiny_config, tiny_model, tiny_processor
+from honeybee_hf.hub.folder import save_hub_folder
+from honeybee_hf.testing_utils import TOY_SPM, tiny_config, tiny_model, tiny_processor
 
 sys.path.insert(0, str(TESTS))
 from check_official_parity import compare  # noqa: E402
@@ -77,7 +77,7 @@ def test_console_scripts_are_declared():
 
     scripts = {e.name: e for e in entry_points(group="console_scripts") if e.name.startswith("honeybee-")}
     assert scripts["honeybee-convert"].value == "honeybee_hf.export.convert:main"
-    assert scripts["honeybee-publish"].value == "honeybee_hf.export.publish:main"
+    assert scripts["honeybee-publish"].value == "honeybee_hf.hub.publish:main"
     assert scripts["honeybee-convert"].load() is main
 
 
@@ -159,7 +159,7 @@ def test_official_archive_folder_contents(official_folder, tmp_path):
 
 def test_model_card_carries_the_published_numbers():
     from honeybee_hf.configuration_honeybee import HoneybeeConfig
-    from honeybee_hf.export.model_card import render_model_card
+    from honeybee_hf.hub.model_card import render_model_card
 
     config = HoneybeeConfig(projector_config={"projector_type": "d-abs", "num_query_tokens": 144})  # D-7B-M144 shapes
     card = render_model_card(config, name="7B-D-Abs-M144", source="7B-D-Abs-M144.tar.gz", dtype="bfloat16")

@@ -13,7 +13,7 @@ from honeybee_hf.processing_honeybee import SYSTEM_PROMPT
 
 @pytest.fixture(scope="module")
 def chat():
-    from honeybee_hf.export.tiny import tiny_config, tiny_model, tiny_processor
+    from honeybee_hf.testing_utils import tiny_config, tiny_model, tiny_processor
 
     config = tiny_config("c-abs")
     return HoneybeeChat(tiny_model(config, seed=3), tiny_processor(config))

@@ -119,7 +119,7 @@ def _fixture_case(index, processor):
 @pytest.fixture(scope="module")
 def fixture_processor():
     """The toy tokenizer of the official fixture, with its 5 visual tokens per image."""
-    from honeybee_hf.export.tiny import tiny_config, tiny_processor
+    from honeybee_hf.testing_utils import tiny_config, tiny_processor
 
     return tiny_processor(tiny_config(num_query_tokens=4, num_eos_tokens=1))
 

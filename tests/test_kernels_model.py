@@ -11,7 +11,7 @@ import transformers
 from PIL import Image
 
 from conftest import REPO
-from honeybee_hf.export.tiny import tiny_config, tiny_model, tiny_processor
+from honeybee_hf.testing_utils import tiny_config, tiny_model, tiny_processor
 
 pytest.importorskip("triton")
 peft = pytest.importorskip("peft")

@@ -21,8 +21,8 @@ import honeybee_hf.kernels_cabs_ln_residual_silu as ln_residual
 import honeybee_hf.kernels_common as common
 import honeybee_hf.kernels_msda as msda_module
 from conftest import REPO
-from honeybee_hf.export.hub import CODE_FILES
-from honeybee_hf.export.tiny import tiny_config, tiny_model
+from honeybee_hf.hub.folder import CODE_FILES
+from honeybee_hf.testing_utils import tiny_config, tiny_model
 from kernel_helpers import DEVICE, needs_triton
 
 TRITON_ENTRY_POINTS = [

@@ -18,7 +18,7 @@ import honeybee_hf.kernels_cabs_adaptive_pool as adaptive_pool
 import honeybee_hf.kernels_common as common
 import honeybee_hf.kernels_msda as msda_module
 from conftest import REPO
-from honeybee_hf.export.tiny import tiny_config, tiny_model
+from honeybee_hf.testing_utils import tiny_config, tiny_model
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")

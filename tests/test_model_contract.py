@@ -12,7 +12,7 @@ import transformers
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from conftest import TF4, photo
-from honeybee_hf.export.tiny import tiny_config, tiny_model, tiny_processor
+from honeybee_hf.testing_utils import tiny_config, tiny_model, tiny_processor
 
 PROJECTORS = ["c-abs", "d-abs"]
 TWO_IMAGES = "A chat.\nHuman: <image>\nHuman: <image>\nHuman: What differs?\nAI: "

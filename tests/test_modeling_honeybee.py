@@ -1,6 +1,6 @@
 """The model through transformers' Auto classes, generation and training behaviour, and its errors.
 
-Tiny random models (export/tiny.py) saved as Hub folders and loaded back with trust_remote_code, on whichever
+Tiny random models (testing_utils.py) saved as Hub folders and loaded back with trust_remote_code, on whichever
 transformers version runs the suite (CI runs it on 4.57.6 and 5.23).
 """
 
@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import TESTS, TF4, photo, run_script
 from honeybee_hf.configuration_honeybee import HoneybeeConfig, HoneybeeProjectorConfig
-from honeybee_hf.export.tiny import tiny_config, tiny_model, tiny_processor
+from honeybee_hf.testing_utils import tiny_config, tiny_model, tiny_processor
 
 sys.path.insert(0, str(TESTS))
 from load_and_run import load  # noqa: E402

@@ -21,9 +21,8 @@ from safetensors.torch import load_file
 from transformers import AutoProcessor
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from honeybee_hf.export.hub import save_hub_folder
 from honeybee_hf.export.official import official_image_processor
-from honeybee_hf.export.tiny import TOY_SPM, tiny_config, tiny_model, tiny_processor
+from honeybee_hf.hub.folder import save_hub_folder
 from honeybee_hf.processing_honeybee import (
     AI,
     HUMAN,
@@ -31,6 +30,7 @@ from honeybee_hf.processing_honeybee import (
     HoneybeeProcessor,
     load_rgb_image,
 )
+from honeybee_hf.testing_utils import TOY_SPM, tiny_config, tiny_model, tiny_processor
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
 REPO_ROOT = Path(__file__).resolve().parent.parent

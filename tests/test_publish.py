@@ -1,4 +1,4 @@
-"""`honeybee-publish` (export/publish.py): checks a Hub folder, then create_repo + upload_folder. Nothing here can
+"""`honeybee-publish` (hub/publish.py): checks a Hub folder, then create_repo + upload_folder. Nothing here can
 reach the Hub: huggingface_hub's HfApi methods are replaced by recorders (or by tripwires for --dry-run).
 """
 
@@ -10,7 +10,7 @@ import pytest
 
 from conftest import TESTS
 from honeybee_hf.export.convert import convert_official_checkpoint
-from honeybee_hf.export.publish import PublishError, check_hub_folder, main, publish
+from honeybee_hf.hub.publish import PublishError, check_hub_folder, main, publish
 
 FIXTURE = TESTS / "fixtures" / "official_ckpt"
 

@@ -39,8 +39,8 @@ QUANTIZERS = {
 @pytest.fixture
 def wide_tiny_folder(tmp_path):
     """A tiny random Honeybee whose LLM is 64 wide, saved as a Hub folder."""
-    from honeybee_hf.export.hub import save_hub_folder
-    from honeybee_hf.export.tiny import tiny_config, tiny_model, tiny_processor
+    from honeybee_hf.hub.folder import save_hub_folder
+    from honeybee_hf.testing_utils import tiny_config, tiny_model, tiny_processor
 
     def make(projector_type):
         config = tiny_config(projector_type)

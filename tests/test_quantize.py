@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from cli_helpers import assert_one_line_error, run_console_script
-from honeybee_hf.export.quantize import KEEP_UNQUANTIZED, SCHEMES, logit_drift, main
+from honeybee_hf.quantize import KEEP_UNQUANTIZED, SCHEMES, logit_drift, main
 
 pytest.importorskip(
     "llmcompressor",
@@ -47,7 +47,7 @@ def test_keep_unquantized_matches_vision_projector_and_head_in_both_layouts(layo
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    from honeybee_hf.export.tiny import VLLM_TEXT, save_tiny_hub_folder
+    from honeybee_hf.testing_utils import VLLM_TEXT, save_tiny_hub_folder
 
     folder = tmp_path_factory.mktemp("quantize") / "hb_quantize_source"
     model, processor = save_tiny_hub_folder(folder, "c-abs", seed=3, text=VLLM_TEXT)
@@ -70,8 +70,8 @@ def _linear_names(model):
 def test_quantized_folder_is_complete_quantizes_only_the_language_model_and_reloads(source, scheme, tmp_path):
     from transformers import AutoModelForImageTextToText
 
-    from honeybee_hf.export.publish import check_hub_folder
-    from honeybee_hf.export.quantize import CALIBRATION_IMAGES, calibration_inputs
+    from honeybee_hf.hub.publish import check_hub_folder
+    from honeybee_hf.quantize import CALIBRATION_IMAGES, calibration_inputs
 
     folder, original, processor = source
     out = tmp_path / f"hb_quantized_{scheme.replace('-', '')}"

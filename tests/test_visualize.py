@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import PHOTOS, photo
 from honeybee_hf.demo import visualize
-from honeybee_hf.export.tiny import tiny_config, tiny_model, tiny_processor
+from honeybee_hf.testing_utils import tiny_config, tiny_model, tiny_processor
 
 
 def d_abs(**projector):

@@ -36,7 +36,7 @@ from transformers import AutoTokenizer, GenerationConfig  # noqa: E402
 
 from conftest import PHOTOS as IMAGES  # noqa: E402
 from conftest import REPO  # noqa: E402
-from honeybee_hf.export.tiny import VLLM_TEXT, save_tiny_hub_folder  # noqa: E402
+from honeybee_hf.testing_utils import VLLM_TEXT, save_tiny_hub_folder  # noqa: E402
 
 PROJECTORS = ["c-abs", "d-abs"]
 MAX_TOKENS = 8
@@ -254,7 +254,7 @@ def quantized_engine(tiny, tmp_path_factory):
     if not python.exists():
         pytest.skip("no .venvs/llmc to quantize with (`bash scripts/setup_envs.sh llmc`)")
     folder = tmp_path_factory.mktemp("quantized") / f"hb_vllm_cabs_{QUANTIZED_SCHEME}"
-    command = [python, "-m", "honeybee_hf.export.quantize", tiny["c-abs"].folder, folder, "--scheme", QUANTIZED_SCHEME]
+    command = [python, "-m", "honeybee_hf.quantize", tiny["c-abs"].folder, folder, "--scheme", QUANTIZED_SCHEME]
     result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     llm = LLM(**engine_args(folder))

@@ -42,7 +42,7 @@ from transformers import (
 )
 
 from ..cli import DEBUG_HELP, CommandError, add_debug_flag, check_model_source, console_script
-from ..export.hub import save_hub_folder
+from ..hub.folder import save_hub_folder
 from ..processing_honeybee import SYSTEM_PROMPT
 from .data import BadSampleError, HoneybeeCollator, HoneybeeConversationDataset
 from .engine import (
@@ -381,7 +381,7 @@ def save_trained(trainer, args, processor, out_dir):
 
 
 def merge_adapter(base, adapter, out_dir, dtype="auto", force=False):
-    """Base + LoRA adapter -> merged weights -> a Hub-ready folder (export/hub.py). Returns the merged model."""
+    """Base + LoRA adapter -> merged weights -> a Hub-ready folder (hub/folder.py). Returns the merged model."""
     from peft import PeftModel
 
     dtype = _DTYPES.get(dtype, dtype)
