@@ -8,7 +8,7 @@ import shlex
 
 import pytest
 
-from conftest import REPO
+from utils import REPO
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, flags=re.S)

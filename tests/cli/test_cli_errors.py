@@ -1,13 +1,13 @@
 """Every console script answers a mistake as a user makes it in one line on stderr (`PROG: error: ...`, naming the
 input and saying what to do) with a non-zero exit and no traceback, unless --debug / -v asks for the traceback; and
 `--help` prints nothing on stderr. Each case runs the installed console script in a fresh process
-(`honeybee-quantize`'s run in tests/test_quantize.py, in llm-compressor's environment)."""
+(`honeybee-quantize`'s run in tests/integrations/test_quantize.py, in llm-compressor's environment)."""
 
 import json
 
 import pytest
 
-from cli_helpers import UPSTREAM_STARTUP_LINES, assert_one_line_error, our_stderr_lines, run_console_script
+from utils.cli import UPSTREAM_STARTUP_LINES, assert_one_line_error, our_stderr_lines, run_console_script
 
 
 @pytest.fixture

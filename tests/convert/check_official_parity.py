@@ -1,9 +1,9 @@
 """Compare a converted `tiny_cabs_m16` Hub folder with the outputs the official code recorded for it
 (tests/fixtures/official_ckpt/tiny_cabs_m16.expected.*): processor ids, pixel values, logits and greedy tokens.
-Loads the folder through the Auto classes with trust_remote_code (tests/load_and_run.py), in fp32. Run by the
+Loads the folder through the Auto classes with trust_remote_code (tests/utils/load_and_run.py), in fp32. Run by the
 tests in-process and, under the other transformers version, as a script:
 
-    python tests/check_official_parity.py FOLDER OUT.json
+    python tests/convert/check_official_parity.py FOLDER OUT.json
 """
 
 import json
@@ -15,9 +15,10 @@ import transformers
 from PIL import Image
 from safetensors.torch import load_file
 
-TESTS = Path(__file__).resolve().parent
-FIXTURE = TESTS / "fixtures" / "official_ckpt"
-IMAGES = TESTS.parent / "assets" / "images"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared helpers in utils/
+from utils import OFFICIAL_CKPT as FIXTURE  # noqa: E402
+from utils import PHOTO_DIR as IMAGES  # noqa: E402
+from utils.load_and_run import load  # noqa: E402
 
 
 def _compare_ids(ours, expected, image_token_id):
@@ -33,9 +34,6 @@ def _max_logit_diff(ours, expected, mask):
 
 
 def compare(folder):
-    sys.path.insert(0, str(TESTS))
-    from load_and_run import load
-
     meta = json.loads((FIXTURE / "tiny_cabs_m16.expected.json").read_text())
     expected = load_file(FIXTURE / "tiny_cabs_m16.expected.safetensors")
     model, processor = load(folder)  # raises on any missing, unused or re-initialised weight

@@ -14,29 +14,26 @@ import io
 import json
 import os
 import re
-import sys
 import tarfile
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import TESTS, other_python, run_script
+from check_official_parity import compare
 from honeybee_hf.export import convert as convert_module
 from honeybee_hf.export.convert import ConversionError, convert_official_checkpoint, main
 from honeybee_hf.export.official import UNUSED_VISION_PREFIX, official_config_to_kwargs, official_key
 from honeybee_hf.hub.folder import save_hub_folder
 from honeybee_hf.testing_utils import TOY_SPM, tiny_config, tiny_model, tiny_processor
+from utils import OFFICIAL_CKPT as FIXTURE
+from utils import PHOTO_DIR, other_python, run_script
+from utils.load_and_run import load
+from utils.official_format import official_config
 
-sys.path.insert(0, str(TESTS))
-from check_official_parity import compare  # noqa: E402
-from official_format import official_config  # noqa: E402
-
-from load_and_run import load  # noqa: E402
-
-FIXTURE = TESTS / "fixtures" / "official_ckpt"
 ARCHIVE = FIXTURE / "tiny_cabs_m16.tar.gz"
 TOKENIZER = FIXTURE / "tokenizer"
 EXPECTED = json.loads((FIXTURE / "tiny_cabs_m16.expected.json").read_text())
@@ -91,7 +88,7 @@ def test_official_archive_converted_here_gives_the_official_outputs_on_the_other
     python = other_python()
     if python is None:
         pytest.skip("the other transformers version's venv is missing")
-    run_script(python, TESTS / "check_official_parity.py", official_folder, tmp_path / "report.json")
+    run_script(python, Path(__file__).parent / "check_official_parity.py", official_folder, tmp_path / "report.json")
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["transformers"][0] != __import__("transformers").__version__[0]
     assert_parity(report)
@@ -256,7 +253,7 @@ def assert_same_outputs(folder, reference, processor, photo):
 def photo():
     from PIL import Image
 
-    return Image.open(TESTS.parent / "assets" / "images" / "laundry.jpeg")
+    return Image.open(PHOTO_DIR / "laundry.jpeg")
 
 
 CASES = {

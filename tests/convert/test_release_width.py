@@ -10,14 +10,14 @@ import uuid
 
 import pytest
 import torch
-from official_format import draw, official_shapes, stand_in_tokenizer, write_official_checkpoint
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from conftest import photo
 from honeybee_hf.configuration_honeybee import HoneybeeConfig
 from honeybee_hf.export.convert import convert_official_checkpoint
 from honeybee_hf.export.official import map_official_state_dict
+from utils import photo
+from utils.official_format import draw, official_shapes, stand_in_tokenizer, write_official_checkpoint
 
 VOCAB = 32000  # Vicuna v1.5; ours adds <image> = 32000
 PROJECTORS = {

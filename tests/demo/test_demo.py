@@ -5,10 +5,9 @@ taught through `pipeline("image-to-text")`."""
 import importlib.util
 import json
 
-from finetune_helpers import MIN_MARGIN, answer_margins, load_model, load_processor
-
-from conftest import REPO
 from honeybee_hf.train.data import HoneybeeConversationDataset
+from utils import REPO
+from utils.finetune import MIN_MARGIN, answer_margins, load_model, load_processor
 
 
 def _demo():

@@ -5,10 +5,10 @@ settings reach `generate`, stop ends generation, and a bad image or setting beco
 import pytest
 import torch
 
-from conftest import PHOTOS, photo
 from honeybee_hf.demo import app
 from honeybee_hf.demo.chat import BadImageError, HoneybeeChat, Sampling, read_image
 from honeybee_hf.processing_honeybee import SYSTEM_PROMPT
+from utils import PHOTOS, photo
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from utils import PHOTO_DIR, REPO
 
 for module, why in [("gradio", "Gradio"), ("selenium", "selenium")]:
     if importlib.util.find_spec(module) is None:
@@ -133,7 +133,7 @@ def test_the_app_captions_an_uploaded_photo_and_shows_a_token_map(trained, serve
     find = lambda css: browser.find_element(By.CSS_SELECTOR, css)
     browser.get(server)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#photo input[type=file]"))
-    find("#photo input[type=file]").send_keys(str(REPO / "assets" / "images" / PHOTO))
+    find("#photo input[type=file]").send_keys(str(PHOTO_DIR / PHOTO))
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#photo img"))
     # Greedy decoding and no n-gram ban: the taught caption is the model's most likely answer, token by token.
     find("#sampling button").click()  # open the accordion
@@ -175,7 +175,7 @@ def test_the_app_captions_an_uploaded_photo_and_shows_a_token_map(trained, serve
     width = max(
         browser.execute_script(rendered, img) for img in browser.find_elements(By.CSS_SELECTOR, "#token-map img")
     )
-    with Image.open(REPO / "assets" / "images" / PHOTO) as original:
+    with Image.open(PHOTO_DIR / PHOTO) as original:
         assert width == original.width  # the overlay is drawn on the uploaded photo itself
     assert find("#token-caption").text.startswith("token 4 (row 1, column 1 of 3x3)")
     screenshot(browser, "demo_token_map", tmp_path)

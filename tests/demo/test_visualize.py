@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import PHOTOS, photo
 from honeybee_hf.demo import visualize
 from honeybee_hf.testing_utils import tiny_config, tiny_model, tiny_processor
+from utils import PHOTOS, photo
 
 
 def d_abs(**projector):

@@ -2,14 +2,16 @@
 (`model.save_pretrained`, `processor.save_pretrained`: what a user's own fine-tuning script does), and record what
 the loaded model computes: run by the cross-version processor tests under the other transformers version.
 
-    python tests/resave_plain.py SOURCE FOLDER OUT.safetensors
+    python tests/hub/resave_plain.py SOURCE FOLDER OUT.safetensors
 """
 
 import sys
+from pathlib import Path
 
 from safetensors.torch import save_file
 
-from load_and_run import load, run
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared helpers in utils/
+from utils.load_and_run import load, run  # noqa: E402
 
 if __name__ == "__main__":
     source, folder, out = sys.argv[1:4]

@@ -6,16 +6,16 @@ Runs the other version's test environment (.venvs/tf4 or .venvs/tf5) in a subpro
 
 import json
 import os
-import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TESTS, other_python, run_script
+from utils import load_and_run, other_python, run_script
+from utils.load_and_run import load, run
 
-sys.path.insert(0, str(TESTS))
-from load_and_run import load, run  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 OTHER = other_python()
 if OTHER is None:
@@ -34,14 +34,14 @@ def assert_same_outputs(a, b):
 @pytest.mark.parametrize("projector_type", ["c-abs", "d-abs"])
 def test_saved_here_loads_there(tiny_folder, tmp_path, projector_type):
     folder, model, processor = tiny_folder(projector_type, seed=8)
-    run_script(OTHER, TESTS / "load_and_run.py", folder, tmp_path / "there.safetensors")
+    run_script(OTHER, load_and_run.__file__, folder, tmp_path / "there.safetensors")
     assert_same_outputs(load_file(tmp_path / "there.safetensors"), run(model, processor))
 
 
 @pytest.mark.parametrize("projector_type", ["c-abs", "d-abs"])
 def test_saved_there_loads_here(tmp_path, projector_type):
     folder = tmp_path / f"saved_by_other_{projector_type.replace('-', '')}_{tmp_path.name[-10:]}"
-    run_script(OTHER, TESTS / "save_tiny.py", folder, projector_type, tmp_path / "there.safetensors")
+    run_script(OTHER, HERE / "save_tiny.py", folder, projector_type, tmp_path / "there.safetensors")
     assert_same_outputs(run(*load(folder)), load_file(tmp_path / "there.safetensors"))
 
 
@@ -66,14 +66,14 @@ def test_plain_save_here_loads_there(tiny_folder, tmp_path):
     resaved = tmp_path / f"plain_here_{tmp_path.name[-10:]}"
     model.save_pretrained(resaved)
     processor.save_pretrained(resaved)
-    run_script(OTHER, TESTS / "load_and_run.py", resaved, tmp_path / "there.safetensors")
+    run_script(OTHER, load_and_run.__file__, resaved, tmp_path / "there.safetensors")
     assert_same_outputs(load_file(tmp_path / "there.safetensors"), run(model, processor))
 
 
 def test_plain_save_there_loads_here(tiny_folder, tmp_path):
     folder, _, _ = tiny_folder("c-abs", seed=12)
     resaved = tmp_path / f"plain_there_{tmp_path.name[-10:]}"
-    run_script(OTHER, TESTS / "resave_plain.py", folder, resaved, tmp_path / "there.safetensors")
+    run_script(OTHER, HERE / "resave_plain.py", folder, resaved, tmp_path / "there.safetensors")
     assert_same_outputs(run(*load(resaved)), load_file(tmp_path / "there.safetensors"))
     # Either version's plain save writes the same processor files.
     _, processor = load(folder)

@@ -8,11 +8,9 @@ import os
 import huggingface_hub
 import pytest
 
-from conftest import TESTS
 from honeybee_hf.export.convert import convert_official_checkpoint
 from honeybee_hf.hub.publish import PublishError, check_hub_folder, main, publish
-
-FIXTURE = TESTS / "fixtures" / "official_ckpt"
+from utils import OFFICIAL_CKPT as FIXTURE
 
 
 @pytest.fixture(scope="module")

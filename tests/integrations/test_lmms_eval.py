@@ -4,7 +4,7 @@ task runner hands it), so nothing is downloaded."""
 
 import pytest
 
-from conftest import photo
+from utils import photo
 
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (scripts/setup_envs.sh installs it)")
 

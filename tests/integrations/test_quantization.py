@@ -8,7 +8,7 @@ import transformers
 from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from conftest import TF4, photo
+from utils import TF4, photo
 
 # bitsandbytes' CPU 4-bit kernels need input widths that are multiples of 64 and output widths of 32: a tiny LLM
 # that wide (4 heads of 16, 2 key/value heads).
@@ -158,9 +158,8 @@ def test_qlora_trains_on_the_bitsandbytes_cpu_backend(wide_tiny_folder):
 def test_qlora_from_the_command_line_trains_and_merges_into_the_bf16_base(wide_tiny_folder, tmp_path):
     """`honeybee-finetune --load_in_4bit` on bitsandbytes' CPU backend; `honeybee-finetune merge` into bf16."""
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (scripts/setup_envs.sh installs it)")
-    from finetune_helpers import ANSWERS, image_sample, small_photos, write_jsonl
-
     from honeybee_hf.train import finetune
+    from utils.finetune import ANSWERS, image_sample, small_photos, write_jsonl
 
     folder = wide_tiny_folder("c-abs")
     photos = small_photos(tmp_path / "photos")

@@ -3,7 +3,7 @@ language model is quantized and whose vision tower, projector and LM head are un
 `AutoModelForImageTextToText` with `trust_remote_code`, and whose model card states the drift measured here again.
 
 llm-compressor 0.14 pins transformers <=5.17, so these tests run in its own environment:
-`.venvs/llmc/bin/python -m pytest tests/test_quantize.py` (`bash scripts/setup_envs.sh llmc` creates it).
+`.venvs/llmc/bin/python -m pytest tests/integrations/test_quantize.py` (`bash scripts/setup_envs.sh llmc` creates it).
 """
 
 import json
@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from cli_helpers import assert_one_line_error, run_console_script
 from honeybee_hf.quantize import KEEP_UNQUANTIZED, SCHEMES, logit_drift, main
+from utils.cli import assert_one_line_error, run_console_script
 
 pytest.importorskip(
     "llmcompressor",

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from conftest import TF4, photo
+from utils import TF4, photo
 
 pytest.importorskip("trl", reason="TRL is not installed (scripts/setup_envs.sh installs it)")
 datasets = pytest.importorskip("datasets", reason="datasets is not installed (TRL needs it)")

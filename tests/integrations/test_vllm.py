@@ -3,7 +3,8 @@
 and a batch of 4 different prompts, C- and D-Abstractor; an OpenAI-compatible `vllm serve` answers a chat completion
 with a base64 image, plain and streamed; a folder quantized by `honeybee-quantize` is served.
 
-Run in the vLLM environment (`bash scripts/setup_envs.sh vllm`): `.venvs/vllm/bin/python -m pytest tests/test_vllm.py`.
+Run in the vLLM environment (`bash scripts/setup_envs.sh vllm`):
+`.venvs/vllm/bin/python -m pytest tests/integrations/test_vllm.py`.
 Every engine start costs 10-60 s, so engines are module-scoped: one per projector type, one server, one quantized.
 """
 
@@ -34,9 +35,9 @@ vllm = pytest.importorskip(
 from PIL import Image  # noqa: E402
 from transformers import AutoTokenizer, GenerationConfig  # noqa: E402
 
-from conftest import PHOTOS as IMAGES  # noqa: E402
-from conftest import REPO  # noqa: E402
 from honeybee_hf.testing_utils import VLLM_TEXT, save_tiny_hub_folder  # noqa: E402
+from utils import PHOTOS as IMAGES  # noqa: E402
+from utils import venv_python  # noqa: E402
 
 PROJECTORS = ["c-abs", "d-abs"]
 MAX_TOKENS = 8
@@ -250,8 +251,8 @@ def quantized_engine(tiny, tmp_path_factory):
     from vllm import LLM
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-    python = REPO / ".venvs" / "llmc" / "bin" / "python"
-    if not python.exists():
+    python = venv_python("llmc")
+    if python is None:
         pytest.skip("no .venvs/llmc to quantize with (`bash scripts/setup_envs.sh llmc`)")
     folder = tmp_path_factory.mktemp("quantized") / f"hb_vllm_cabs_{QUANTIZED_SCHEME}"
     command = [python, "-m", "honeybee_hf.quantize", tiny["c-abs"].folder, folder, "--scheme", QUANTIZED_SCHEME]

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 import transformers
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from conftest import TF4, photo
 from honeybee_hf.testing_utils import tiny_config, tiny_model, tiny_processor
+from utils import TF4, photo
 
 PROJECTORS = ["c-abs", "d-abs"]
 TWO_IMAGES = "A chat.\nHuman: <image>\nHuman: <image>\nHuman: What differs?\nAI: "

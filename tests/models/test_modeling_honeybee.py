@@ -14,12 +14,10 @@ import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file
 
-from conftest import TESTS, TF4, photo, run_script
 from honeybee_hf.configuration_honeybee import HoneybeeConfig, HoneybeeProjectorConfig
 from honeybee_hf.testing_utils import tiny_config, tiny_model, tiny_processor
-
-sys.path.insert(0, str(TESTS))
-from load_and_run import load  # noqa: E402
+from utils import TF4, load_and_run, photo, run_script
+from utils.load_and_run import load
 
 PROJECTORS = ["c-abs", "d-abs"]
 TRAINING_PROMPT = "A chat.\nHuman: <image>\nHuman: {q}\nAI: {a}"
@@ -57,7 +55,7 @@ def test_offline_hub_cache_snapshot_loads(tiny_folder, tmp_path):
     (repo / "snapshots").mkdir()
     os.symlink(folder, repo / "snapshots" / sha)  # a snapshot is a folder of links into blobs; a folder does too
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
-    run_script(sys.executable, TESTS / "load_and_run.py", "org/honeybee-tiny", tmp_path / "out.safetensors", env=env)
+    run_script(sys.executable, load_and_run.__file__, "org/honeybee-tiny", tmp_path / "out.safetensors", env=env)
     out = load_file(tmp_path / "out.safetensors")
     with torch.no_grad():
         expected = reference(input_ids=out["input_ids"], pixel_values=out["pixel_values"]).logits

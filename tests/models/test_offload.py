@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import photo
+from utils import photo
 
 PARTS = {"clip": "model.vision_tower", "projector": "model.abstractor", "llm": "model.language_model"}
 DEVICE_MAPS = {  # what goes to disk; the rest stays on the CPU

@@ -7,7 +7,6 @@ The fixtures are NCHW where the official modules are; ours are token-major (B, N
 import inspect
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +15,8 @@ from safetensors.torch import load_file
 from honeybee_hf.configuration_honeybee import HoneybeeProjectorConfig
 from honeybee_hf.export.official import map_official_abstractor, map_official_state_dict
 from honeybee_hf.modeling_honeybee import HoneybeeCAbstractor, HoneybeeDAbstractor, _initial_reference_points
+from utils import OFFICIAL_FIXTURES as FIXTURES
 
-FIXTURES = Path(__file__).parent / "fixtures" / "official"
 ATOL = 1e-5
 # dabs_m144_small (6 layers, random weights) is ill-conditioned in fp32: a 1e-7 relative change of its input moves
 # the output by ~1.5e-4, and the same math in fp64 and fp32 differs by ~1.9e-4. Its official tensors were made

@@ -4,7 +4,7 @@ import pytest
 import transformers
 from PIL import Image
 
-from conftest import PHOTOS
+from utils import PHOTOS
 
 
 def direct_answer(model, processor, image, text, max_new_tokens):

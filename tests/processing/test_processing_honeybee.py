@@ -9,7 +9,6 @@ import io
 import json
 import re
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,9 +30,9 @@ from honeybee_hf.processing_honeybee import (
     load_rgb_image,
 )
 from honeybee_hf.testing_utils import TOY_SPM, tiny_config, tiny_model, tiny_processor
+from utils import OFFICIAL_FIXTURES as FIXTURES
+from utils import PHOTO_DIR
 
-FIXTURES = Path(__file__).parent / "fixtures" / "official"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 TF_MAJOR = int(transformers.__version__.split(".")[0])
 NUM_QUERY, NUM_EOS = 4, 1  # 5 placeholders per image, as the fixture; num_eos_tokens != 0 on purpose
 MEAN, STD = np.array(OPENAI_CLIP_MEAN, np.float32), np.array(OPENAI_CLIP_STD, np.float32)
@@ -639,13 +638,13 @@ def test_processor_round_trip_through_hub_folder(processor, tmp_path):
 def test_official_none_image_style_and_missing_files():
     config = tiny_config()
     processor = tiny_processor(config)
-    image = Image.open(REPO_ROOT / "assets" / "images" / "ca.jpeg")
+    image = Image.open(PHOTO_DIR / "ca.jpeg")
     batch = processor(text=["Say hello.", "What is it?"], images=[None, image], return_tensors="pt")
     alone = processor(text="What is it?", images=image, return_tensors="pt")
     assert batch["pixel_values"].shape[0] == 1
     assert batch["input_ids"][1, -alone["input_ids"].shape[1] :].tolist() == alone["input_ids"][0].tolist()
     with pytest.raises(ValueError, match="does not exist"):
-        processor(text="What is it?", images=str(REPO_ROOT / "no_such_photo.jpeg"))
+        processor(text="What is it?", images=str(PHOTO_DIR / "no_such_photo.jpeg"))
 
 
 def test_image_processor_keeps_the_official_pil_resize():
@@ -811,7 +810,7 @@ def test_every_image_source_gives_the_same_pixels(processor, tmp_path, http_serv
     import base64
 
     root, url = http_server
-    original = Image.open(REPO_ROOT / "assets" / "images" / "ca.jpeg")
+    original = Image.open(PHOTO_DIR / "ca.jpeg")
     original.thumbnail((80, 80))
     data = jpeg_bytes(original)
     (root / "photo.jpg").write_bytes(data)

@@ -21,8 +21,8 @@ from honeybee_hf.kernels_cabs_ln_residual_silu import (  # noqa: E402
     ln_residual_silu_triton,
 )
 from honeybee_hf.kernels_common import CABS_MAX_CHANNELS, cabs_tiles  # noqa: E402
-from kernel_helpers import DEVICE, poisoned_outputs, randn  # noqa: E402, F401
-from kernel_helpers import check as check_against_reference  # noqa: E402
+from utils.kernel_check import DEVICE, poisoned_outputs, randn  # noqa: E402, F401
+from utils.kernel_check import check as check_against_reference  # noqa: E402
 
 EPS = 1e-5  # timm's LayerNormAct2d default, which the Honeybee RegStages use
 

@@ -10,13 +10,13 @@ import torch
 import transformers
 from PIL import Image
 
-from conftest import REPO
 from honeybee_hf.testing_utils import tiny_config, tiny_model, tiny_processor
+from utils import PHOTO_DIR
 
 pytest.importorskip("triton")
 peft = pytest.importorskip("peft")
 
-PHOTO = REPO / "assets" / "images" / "laundry.jpeg"
+PHOTO = PHOTO_DIR / "laundry.jpeg"
 PROMPT = "A chat.\nHuman: <image>\nHuman: What is unusual here?\nAI: A man irons on a taxi."
 LM_LORA = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 

@@ -12,7 +12,7 @@ triton = pytest.importorskip("triton")
 
 import honeybee_hf.kernels_msda as msda_module  # noqa: E402
 from honeybee_hf.kernels_msda import msda_reference, msda_triton  # noqa: E402
-from kernel_helpers import DEVICE, check, poisoned_outputs  # noqa: E402, F401
+from utils.kernel_check import DEVICE, check, poisoned_outputs  # noqa: E402, F401
 
 # Against the reference in the same half dtype, both sides carry rounding error.
 TOL_VS_SAME_DTYPE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2.4e-2}

@@ -20,10 +20,10 @@ import honeybee_hf.kernels_cabs_dwconv_block as dwconv
 import honeybee_hf.kernels_cabs_ln_residual_silu as ln_residual
 import honeybee_hf.kernels_common as common
 import honeybee_hf.kernels_msda as msda_module
-from conftest import REPO
 from honeybee_hf.hub.folder import CODE_FILES
 from honeybee_hf.testing_utils import tiny_config, tiny_model
-from kernel_helpers import DEVICE, needs_triton
+from utils import PACKAGE_DIR
+from utils.kernel_check import DEVICE, needs_triton
 
 TRITON_ENTRY_POINTS = [
     (msda_module, "msda_triton"),
@@ -219,11 +219,11 @@ def test_hub_code_files_are_flat_modules_that_guard_triton():
         "kernels_cabs_adaptive_pool.py",
     } <= set(CODE_FILES)
     for name in CODE_FILES:
-        for module in get_relative_imports(REPO / name):
+        for module in get_relative_imports(PACKAGE_DIR / name):
             assert f"{module}.py" in CODE_FILES, f"{name} imports .{module}, which is no flat file of the Hub folder"
-        assert "triton" not in get_imports(REPO / name), f"{name} imports triton outside try/except"
+        assert "triton" not in get_imports(PACKAGE_DIR / name), f"{name} imports triton outside try/except"
     # transformers 4.57 copies only the modeling file's *direct* relative imports into a local folder's module
-    assert set(get_relative_imports(REPO / "modeling_honeybee.py")) >= {"kernels_common", "kernels_msda"}
+    assert set(get_relative_imports(PACKAGE_DIR / "modeling_honeybee.py")) >= {"kernels_common", "kernels_msda"}
 
 
 def load_copy(folder, module_name):
@@ -240,7 +240,7 @@ def test_identical_kernel_files_share_their_ops(tmp_path):
     """A second copy of the same bytes (a Hub folder next to the installed package) maps to the same op namespace
     and reuses the registered ops instead of failing to register them again."""
     for name in ("kernels_common.py", "kernels_msda.py"):
-        shutil.copyfile(REPO / name, tmp_path / name)
+        shutil.copyfile(PACKAGE_DIR / name, tmp_path / name)
     copy = load_copy(tmp_path, "honeybee_kernels_identical_copy")
     assert copy is not msda_module and copy.OP_NAMESPACE == msda_module.OP_NAMESPACE
     (value, loc, logits), shapes = msda_inputs()

@@ -17,14 +17,14 @@ from PIL import Image
 import honeybee_hf.kernels_cabs_adaptive_pool as adaptive_pool
 import honeybee_hf.kernels_common as common
 import honeybee_hf.kernels_msda as msda_module
-from conftest import REPO
 from honeybee_hf.testing_utils import tiny_config, tiny_model
+from utils import PHOTO_DIR
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 pytestmark = pytest.mark.skipif(not common.KERNELS_INTERPRETED, reason="needs Triton's interpreter (CPU tests)")
 
-PHOTO = REPO / "assets" / "images" / "laundry.jpeg"
+PHOTO = PHOTO_DIR / "laundry.jpeg"
 
 
 def offer_cpu_to_auto(monkeypatch, kernels_common=common):

@@ -4,9 +4,9 @@ For each engine x stage: the 2-process run's logged loss curve against a single 
 a run killed after its checkpoint and resumed against the uninterrupted one (final weights), and the exported result
 (stage full: the Hub folder `model/`; stage lora: the adapter merged into its base) loaded with a plain
 `from_pretrained` against the single-process result's logits. Too long for the suite (three launches per row);
-tests/test_finetune_distributed.py runs one row of each kind. Prints a table:
+test_finetune_distributed.py beside it runs one row of each kind. Prints a table:
 
-    python tests/check_engines.py [--engines fsdp,fsdp_torchrun,zero2,zero3] [--stages full,lora]
+    python tests/training/check_engines.py [--engines fsdp,fsdp_torchrun,zero2,zero3] [--stages full,lora]
 """
 
 import argparse
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared helpers in utils/
 
-from finetune_helpers import (  # noqa: E402
+from honeybee_hf.train.finetune import config_path, merge_adapter  # noqa: E402
+from utils.finetune import (  # noqa: E402
     ANSWERS,
     clean_env,
     image_sample,
@@ -36,9 +36,7 @@ from finetune_helpers import (  # noqa: E402
     write_jsonl,
 )
 
-from honeybee_hf.train.finetune import config_path, merge_adapter  # noqa: E402
-
-WORKER = TESTS / "finetune_worker.py"
+WORKER = Path(__file__).resolve().parent / "finetune_worker.py"
 STEPS, SAVE_EVERY = 4, 2
 LOSS_TOLERANCE = 1e-3  # reductions in another order (per-rank means, all-reduce) move fp32 losses ~1e-5
 WEIGHT_TOLERANCE = 0.0  # a resumed run restores every rank's state: nothing may differ

@@ -1,4 +1,4 @@
-"""`honeybee-finetune` as launched by torchrun / accelerate in tests/test_finetune_distributed.py, plus two probes:
+"""`honeybee-finetune` as launched by torchrun / accelerate in test_finetune_distributed.py (beside it), plus probes:
 
     --crash_at N   die (like a preempted job) right after checkpoint N is on disk, on every rank
     --dump DIR     write each rank's trainable weights to DIR/rank{R}.safetensors at the end of training

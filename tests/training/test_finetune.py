@@ -8,7 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from finetune_helpers import (
+from safetensors.torch import load_file, save_file
+
+from honeybee_hf.processing_honeybee import AI, HUMAN, SYSTEM_PROMPT
+from honeybee_hf.train import finetune
+from honeybee_hf.train.data import (
+    BadSampleError,
+    HoneybeeCollator,
+    HoneybeeConversationDataset,
+    conversation_to_messages,
+)
+from utils import OFFICIAL_FIXTURES as FIXTURES
+from utils import other_python
+from utils.finetune import (
     ANSWERS,
     IMAGES,
     MIN_MARGIN,
@@ -27,19 +39,7 @@ from finetune_helpers import (
     unique_folder,
     write_jsonl,
 )
-from safetensors.torch import load_file, save_file
 
-from conftest import other_python
-from honeybee_hf.processing_honeybee import AI, HUMAN, SYSTEM_PROMPT
-from honeybee_hf.train import finetune
-from honeybee_hf.train.data import (
-    BadSampleError,
-    HoneybeeCollator,
-    HoneybeeConversationDataset,
-    conversation_to_messages,
-)
-
-FIXTURES = Path(__file__).parent / "fixtures" / "official"
 OVERFIT_STEPS = 200  # every answer token then wins by MIN_MARGIN (60 steps left a token at -0.3 on one CPU)
 
 
@@ -549,7 +549,7 @@ def test_bf16_lora_keeps_the_base_in_bf16_and_trains_in_fp32(base, data_file, tm
 
 
 def test_qlora_outside_stage_lora_is_a_clear_error(base, data_file, tmp_path):
-    # QLoRA itself trains from the command line on bitsandbytes' CPU backend: tests/test_quantization.py
+    # QLoRA itself trains from the command line on bitsandbytes' CPU backend: tests/integrations/test_quantization.py
     with pytest.raises(ValueError, match="only works with --stage lora"):
         finetune.run([
             "--model", str(base), "--data", str(data_file), "--output_dir", str(tmp_path), "--load_in_4bit",

@@ -1,7 +1,7 @@
 """`honeybee-finetune` in two processes on CPU over gloo: DDP launched by torchrun and by accelerate with the shipped
 config (ranks end in step, a run killed after a checkpoint resumes to the very same result), FSDP2 and DeepSpeed
 ZeRO-3 from the shipped configs, a two-node torchrun rendezvous, and the engine each run says it got.
-tests/check_engines.py compares every engine x stage with a single process (losses, resume, export)."""
+check_engines.py (beside it) compares every engine x stage with a single process (losses, resume, export)."""
 
 import json
 import socket
@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from finetune_helpers import (
+from safetensors.torch import load_file
+
+from honeybee_hf.train.finetune import config_path, merge_adapter
+from utils.finetune import (
     ANSWERS,
     clean_env,
     image_sample,
@@ -23,9 +26,6 @@ from finetune_helpers import (
     venv_bin,
     write_jsonl,
 )
-from safetensors.torch import load_file
-
-from honeybee_hf.train.finetune import config_path, merge_adapter
 
 WORKER = Path(__file__).parent / "finetune_worker.py"
 STEPS, SAVE_EVERY = 6, 3

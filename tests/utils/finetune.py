@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import PHOTO_DIR as IMAGES
+from . import PHOTO_DIR as IMAGES
 
 QUESTION = "What is in the image?"
 ANSWERS = json.loads((IMAGES / "captions.json").read_text())  # photo file name -> what it shows

@@ -2,7 +2,7 @@
 run it on a fixed photo and prompt, and save logits and greedy tokens: run by tests in a fresh process, often
 under the other transformers version. Exits non-zero if loading left any weight missing, unused or re-initialised.
 
-    python tests/load_and_run.py SOURCE OUT.safetensors
+    python tests/utils/load_and_run.py SOURCE OUT.safetensors
 """
 
 import logging
@@ -15,7 +15,11 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-PHOTO = Path(__file__).resolve().parent.parent / "assets" / "images" / "Yao_Ming.jpeg"
+# Run as a script, this file is no part of the `utils` package: tests/ goes on sys.path as pytest puts it there.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared helpers in utils/
+from utils import PHOTO_DIR  # noqa: E402
+
+PHOTO = PHOTO_DIR / "Yao_Ming.jpeg"
 LOADING_PROBLEMS = ("newly initialized", "were not used", "not initialized", "missing", "unexpected", "mismatch")
 
 

@@ -19,10 +19,10 @@ from honeybee_hf.export.tokenizer import load_backend
 from honeybee_hf.modeling_honeybee import HoneybeeForConditionalGeneration
 from honeybee_hf.testing_utils import TOY_SPM
 
+from . import OFFICIAL_CKPT
+
 # A config.json written by the official code (HEAD format), recorded with the official tiny checkpoint.
-TEMPLATE = json.loads(
-    (Path(__file__).parent / "fixtures" / "official_ckpt" / "tiny_cabs_m16.expected.json").read_text()
-)["saved_config_json"]
+TEMPLATE = json.loads((OFFICIAL_CKPT / "tiny_cabs_m16.expected.json").read_text())["saved_config_json"]
 
 # What the official code's DeformableDetrConfig(**yaml).to_dict() adds to a D-Abstractor's projector_config
 # (transformers 4.38.1; the values do not matter to the D-Abstractor).
