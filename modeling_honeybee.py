@@ -5,7 +5,7 @@ checkpoints' weight names (github.com/kakaobrain/honeybee). What differs from th
 - The CLIP vision tower is written here (same math and keys as transformers' `CLIPVisionModel` in 4.x) because
   transformers 5 renamed that module's weights; our checkpoints read the same on every transformers version.
 - The projectors compute token-major (B, N, C): a 1x1 conv is a `F.linear` on the same weight and a channel
-  LayerNorm needs no permute. The numbers match the official NCHW modules (tests/test_projector_parity.py).
+  LayerNorm needs no permute. The numbers match the official NCHW modules (tests/models/test_projector_parity.py).
 - `<image>` is a real token (`config.image_token_id`) expanded by the processor into `num_visual_tokens`
   placeholders, which the model overwrites in place (the official code used id -1).
 - The D-Abstractor runs on any device and dtype; its weights stay fp32 when the model is loaded in half precision.
@@ -592,7 +592,8 @@ class HoneybeePreTrainedModel(PreTrainedModel):
     _supports_flash_attn_2 = True  # transformers 4
     _supports_flex_attn = True
     _supports_attention_backend = True
-    # prefill and decode compile with fullgraph=True (tests/test_model_contract.py): generate may compile the decode
+    # prefill and decode compile with fullgraph=True (tests/models/test_model_contract.py): generate may compile the
+    # decode
     _can_compile_fullgraph = True
 
     def _finish_projector_init(self, kernel_backend):

@@ -100,7 +100,7 @@ def measure(serve, repeats, device):
 
 
 def tiny_folder(directory):
-    from honeybee_hf.export.tiny import VLLM_TEXT, save_tiny_hub_folder
+    from honeybee_hf.testing_utils import VLLM_TEXT, save_tiny_hub_folder
 
     folder = Path(directory) / "hb_bench_vllm_tiny"
     save_tiny_hub_folder(folder, "c-abs", seed=0, text=VLLM_TEXT)

@@ -45,8 +45,8 @@ from tqdm import tqdm
 
 from ..cli import CommandError, add_debug_flag, console_script
 from ..configuration_honeybee import HoneybeeConfig
-from .hub import refuse_existing, save_hub_folder, staging_folder, write_support_files
-from .model_card import render_model_card
+from ..hub.folder import refuse_existing, save_hub_folder, staging_folder, write_support_files
+from ..hub.model_card import render_model_card
 from .official import (
     map_official_state_dict,
     num_eos_tokens_origin,
