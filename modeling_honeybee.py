@@ -603,7 +603,9 @@ class HoneybeePreTrainedModel(PreTrainedModel):
         self._no_split_modules = [name for name in type(self)._no_split_modules if name not in absent]
         if projector_type == "d-abs":
             # The official D-Abstractor always ran in fp32: half-precision loads (dtype=...) keep it there. It stays in
-            # `_keep_in_fp32_modules` as well: that list is the only one the quantizers skip (bitsandbytes, torchao).
+            # `_keep_in_fp32_modules` as well, though transformers' common test_keep_in_fp32_modules wants the two lists
+            # disjoint: that list is the only one the quantizers skip (`HfQuantizer.get_modules_to_not_convert` on 5.x,
+            # `preprocess_model` on 4.57), and without it bitsandbytes quantizes the D-Abstractor.
             self._keep_in_fp32_modules_strict = {"abstractor"}
         if kernel_backend is not None:  # from_pretrained(..., kernel_backend=...) arrives here
             self.set_kernel_backend(kernel_backend)
