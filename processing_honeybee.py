@@ -12,6 +12,7 @@ tokenizer on the rendered text gives the official ids, for this processor, vLLM,
 import base64
 import binascii
 import bisect
+import contextvars
 import json
 import os
 import re
@@ -24,8 +25,9 @@ import torch
 from PIL import Image
 from transformers import BatchFeature
 from transformers.dynamic_module_utils import custom_object_save
-from transformers.image_utils import load_image
+from transformers.image_utils import ImageInput, load_image
 from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, TextKwargs, Unpack
+from transformers.tokenization_utils_base import TextInput
 
 from .transformers_compat import (
     image_processor_file,
@@ -105,6 +107,9 @@ _TEMPLATE_CONSTANTS = {
     "@AI@": AI.replace("\n", "\\n"),
 }
 CHAT_TEMPLATE = re.sub("|".join(_TEMPLATE_CONSTANTS), lambda m: _TEMPLATE_CONSTANTS[m.group()], _TEMPLATE)
+
+# True while `apply_chat_template` runs: the texts it hands to `__call__` are finished prompts, whatever the template.
+_RENDERED = contextvars.ContextVar("honeybee_rendered_prompt", default=False)
 
 # http(s) images are fetched by transformers' `load_image` (as its pipelines do); a server that does not answer
 # must not hang a training run.
@@ -253,8 +258,8 @@ _UNSUPPORTED_TEXT_OPTIONS = (
 class HoneybeeProcessor(ProcessorMixin):
     r"""Turns images and prompts into `input_ids`, `attention_mask` and `pixel_values` for Honeybee.
 
-    A text is one of: a prompt rendered by `apply_chat_template` (it starts with `<s>`), which goes to the tokenizer
-    as it is; a prompt in the official format (it contains `<image>` or "\nHuman: ", as the official code takes it),
+    A text is one of: a prompt rendered by a chat template (whatever `apply_chat_template` renders, or a text that
+    starts with `<s>`), which goes to the tokenizer as it is; a prompt in the official format (it contains `<image>` or "\nHuman: ", as the official code takes it),
     which gets each piece's dummy-prefix space and each answer's `</s>` written in first; or a bare question, which
     the chat template renders as one user turn with one `<image>` per image of its sample and the generation prompt.
     Without `return_labels` an official prompt's final answer is left open for generation (its `</s>` is not added),
@@ -317,7 +322,8 @@ class HoneybeeProcessor(ProcessorMixin):
     # text
 
     def _is_bare_question(self, text):
-        return not (self.image_token in text or HUMAN in text or AI in text)
+        """A hand-written text without `<image>` or role markers; nothing `apply_chat_template` renders is one."""
+        return not (_RENDERED.get() or self.image_token in text or HUMAN in text or AI in text)
 
     def _tokenizer_text(self, text, num_images, close_answers):
         """A text of any of the three kinds -> (the tokenizer-ready prompt, the (start, end) of each answer in it)."""
@@ -326,7 +332,7 @@ class HoneybeeProcessor(ProcessorMixin):
             content = [{"type": "image"}] * num_images + ([{"type": "text", "text": text}] if text else [])
             rendered = self.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
             return rendered[len(bos) :] if bos and rendered.startswith(bos) else rendered, []
-        if bos and text.startswith(bos):  # rendered by the chat template: answers end with `</s>` (or the text)
+        if _RENDERED.get() or (bos and text.startswith(bos)):  # rendered: answers end with `</s>` (or the text)
             spans, done = [], 0
             ends = [(m.end(), True) for m in re.finditer(re.escape(eos), text)] + [(len(text), False)]
             for end, closed in ends:
@@ -509,7 +515,24 @@ class HoneybeeProcessor(ProcessorMixin):
         it = iter(images)
         return [[next(it) for _ in range(n)] for n in counts]
 
-    def __call__(self, images=None, text=None, audio=None, videos=None, **kwargs: Unpack[HoneybeeProcessorKwargs]):
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        """The library's, with each prompt it renders tokenized as it is, whatever the template (the processor's own or
+        `chat_template`): the official-format and bare-question readings of `__call__` are for texts written by hand.
+        """
+        rendered = _RENDERED.set(True)
+        try:
+            return super().apply_chat_template(conversation, chat_template, **kwargs)
+        finally:
+            _RENDERED.reset(rendered)
+
+    def __call__(
+        self,
+        images: ImageInput | None = None,
+        text: TextInput | list[TextInput] | None = None,
+        audio=None,
+        videos=None,
+        **kwargs: Unpack[HoneybeeProcessorKwargs],
+    ) -> BatchFeature:
         """`text`: a prompt or a list of prompts (see the class docstring); `images`: an image, a list, or one list
         per prompt."""
         if images is None and text is None:
@@ -564,7 +587,14 @@ class HoneybeeProcessor(ProcessorMixin):
         as both versions' loaders read them: the default one in chat_template.jinja, the others in
         additional_chat_templates/. `push_to_hub=True` then uploads them as the library does (`repo_id`, `token`,
         `commit_message`, ... in `kwargs`).
+
+        Not `ProcessorMixin.save_pretrained`: on 5.x it writes `tokenizer_class: TokenizersBackend` and nests the image
+        processor (as `CLIPImageProcessorPil`) in processor_config.json, and 4.57 loads neither.
         """
+        templates = self.chat_template if isinstance(self.chat_template, dict) else {"default": self.chat_template}
+        for key in templates:  # each name becomes a file name: it must not lead out of the folder (as the library)
+            if not key or key in (".", "..") or Path(key).name != key or "\\" in key:
+                raise ValueError(f"invalid chat template name {key!r}: use a plain file name (no path)")
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         if self._auto_class is not None:  # loaded as remote code: the folder gets processing_honeybee.py too
@@ -577,7 +607,6 @@ class HoneybeeProcessor(ProcessorMixin):
             "num_eos_tokens": self.num_eos_tokens,
             "image_token": self.image_token,
         }
-        templates = self.chat_template if isinstance(self.chat_template, dict) else {"default": self.chat_template}
         files = {
             "processor_config.json": json.dumps(processor_config, indent=2, sort_keys=True) + "\n",
             "preprocessor_config.json": image_processor_file(self.image_processor, name),
@@ -593,12 +622,6 @@ class HoneybeeProcessor(ProcessorMixin):
         if push_to_hub:  # the library's upload, which saves again (through this method) into a fresh folder
             self.push_to_hub(kwargs.pop("repo_id", folder.name), **kwargs)
         return [str(folder / file_name) for file_name in files]
-
-    def batch_decode(self, *args, **kwargs):
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args, **kwargs):
-        return self.tokenizer.decode(*args, **kwargs)
 
 
 for _name, _value in processor_class_attributes().items():
