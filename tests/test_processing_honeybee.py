@@ -549,6 +549,15 @@ def test_16_bit_images_scale_to_8_bits(processor, tmp_path):
     assert pixel_values_of(processor, path).shape == (3, 32, 32)
 
 
+def test_16_bit_images_keep_their_exif_orientation(tmp_path):
+    values = (np.arange(12, dtype=np.uint16).reshape(3, 4) + 1) * 5000
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    Image.fromarray(values).save(tmp_path / "turned.png", exif=exif.tobytes())
+    rgb = np.asarray(load_rgb_image(tmp_path / "turned.png"))
+    assert rgb[..., 0].tolist() == (np.rot90(values, k=-1) >> 8).tolist()
+
+
 @pytest.mark.parametrize("mode", ["I", "F"])
 def test_32_bit_modes_raise(processor, mode):
     with pytest.raises(ValueError, match="convert it to an 8-bit RGB image yourself"):
