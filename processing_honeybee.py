@@ -259,9 +259,10 @@ class HoneybeeProcessor(ProcessorMixin):
     r"""Turns images and prompts into `input_ids`, `attention_mask` and `pixel_values` for Honeybee.
 
     A text is one of: a prompt rendered by a chat template (whatever `apply_chat_template` renders, or a text that
-    starts with `<s>`), which goes to the tokenizer as it is; a prompt in the official format (it contains `<image>` or "\nHuman: ", as the official code takes it),
-    which gets each piece's dummy-prefix space and each answer's `</s>` written in first; or a bare question, which
-    the chat template renders as one user turn with one `<image>` per image of its sample and the generation prompt.
+    starts with `<s>`), which goes to the tokenizer as it is; a prompt in the official format (it contains `<image>`
+    or "\nHuman: ", as the official code takes it), which gets each piece's dummy-prefix space and each answer's
+    `</s>` written in first; or a bare question, which the chat template renders as one user turn with one `<image>`
+    per image of its sample and the generation prompt.
     Without `return_labels` an official prompt's final answer is left open for generation (its `</s>` is not added),
     as the official inference does. Batches are padded on the tokenizer's side (left, for generation).
 
