@@ -135,10 +135,14 @@ def test_get_image_features_output_contract(projector_type):
             pixel_values, return_dict=True, output_hidden_states=True, output_attentions=True
         )
         plain = model.get_image_features(pixel_values, return_dict=True)
-        tensor = model.get_image_features(pixel_values, return_dict=False)
+        off = model.get_image_features(pixel_values, return_dict=False)
         default = model.get_image_features(pixel_values)
         forward = model(**processor(images=[photo(0), photo(1)], text=TWO_IMAGES, return_tensors="pt"))
         tower = model.model.vision_tower(pixel_values, output_attentions=True)  # the tower on its own
+        # the config's defaults, as transformers 5's `merge_with_config_defaults` and `can_return_tuple` apply them
+        config.output_hidden_states, config.output_attentions, config.return_dict = True, True, False
+        from_config = model.get_image_features(pixel_values)
+        config.output_hidden_states, config.output_attentions, config.return_dict = False, False, True
     assert isinstance(out, BaseModelOutputWithPooling)  # transformers 5's generic code reads .pooler_output
     assert out.pooler_output.shape == (2, config.num_visual_tokens, config.text_config.hidden_size)
     # as LLaVA's: the tower's own last hidden state (CLS included, vision width), hidden states and attentions
@@ -150,10 +154,19 @@ def test_get_image_features_output_contract(projector_type):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert out.attentions[0].shape == (2, config.vision_config.num_attention_heads, tokens, tokens)
     assert plain.hidden_states is None and plain.attentions is None  # only when asked
-    torch.testing.assert_close(tensor, out.pooler_output, rtol=0, atol=0)
-    torch.testing.assert_close(forward.image_hidden_states, tensor, rtol=0, atol=0)
-    # the default follows the library's LLaVA on each version: an output object on 5.x, the features on 4.x
-    assert isinstance(default, torch.Tensor) if TF4 else isinstance(default, BaseModelOutputWithPooling)
+    torch.testing.assert_close(forward.image_hidden_states, out.pooler_output, rtol=0, atol=0)
+    # Without return_dict=True each version answers as its LLaVA: transformers 4 the features themselves; 5 the
+    # output object, or its tuple with return_dict=False (also when the config says so)
+    if TF4:
+        for features in (off, default, from_config):
+            torch.testing.assert_close(features, out.pooler_output, rtol=0, atol=0)
+    else:
+        assert isinstance(default, BaseModelOutputWithPooling) and default.hidden_states is None
+        assert isinstance(off, tuple) and len(off) == 2 and isinstance(from_config, tuple) and len(from_config) == 4
+        for got, want in zip(from_config, out.to_tuple(), strict=True):
+            for a, b in zip(got if isinstance(got, tuple) else [got], want if isinstance(want, tuple) else [want]):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(off[1], out.pooler_output, rtol=0, atol=0)
 
 
 def test_vision_tower_is_a_pretrained_model_that_attention_dispatch_sees():

@@ -58,6 +58,3 @@ def test_matches_transformers_clip(weights, attn_implementation):
         if attn_implementation == "eager":  # sdpa gives no weights, in CLIP as in ours
             for mine, theirs in zip(got.attentions, want.attentions, strict=True):
                 assert (mine - theirs).abs().max().item() <= ATOL
-        first_two = ours(pixel_values, num_layers=2).hidden_states  # the layers after those are not run
-        assert len(first_two) == 3
-        assert (first_two[-1] - want.hidden_states[2]).abs().max().item() <= ATOL

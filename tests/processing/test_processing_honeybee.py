@@ -548,6 +548,15 @@ def test_16_bit_images_scale_to_8_bits(processor, tmp_path):
     assert pixel_values_of(processor, path).shape == (3, 32, 32)
 
 
+def test_16_bit_images_keep_their_exif_orientation(tmp_path):
+    values = (np.arange(12, dtype=np.uint16).reshape(3, 4) + 1) * 5000
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    Image.fromarray(values).save(tmp_path / "turned.png", exif=exif.tobytes())
+    rgb = np.asarray(load_rgb_image(tmp_path / "turned.png"))
+    assert rgb[..., 0].tolist() == (np.rot90(values, k=-1) >> 8).tolist()
+
+
 @pytest.mark.parametrize("mode", ["I", "F"])
 def test_32_bit_modes_raise(processor, mode):
     with pytest.raises(ValueError, match="convert it to an 8-bit RGB image yourself"):
@@ -696,6 +705,22 @@ def test_several_chat_templates_save_and_load(processor, tmp_path):
     assert loaded.apply_chat_template(messages, add_generation_prompt=True) == (
         processor.apply_chat_template(messages, add_generation_prompt=True)
     )
+
+
+def test_chat_template_names_cannot_leave_the_folder(processor, tmp_path):
+    """A template's name becomes a file name under additional_chat_templates/: one with a path in it is refused
+    before anything is written (as the library's processors refuse it), never written outside the folder."""
+    for name in ("../../escaped", "sub/dir", "..", ""):
+        bad = HoneybeeProcessor(
+            processor.image_processor,
+            processor.tokenizer,
+            chat_template={"default": processor.chat_template, "plain": "{{ bos_token }}", name: "x"},
+            num_query_tokens=NUM_QUERY,
+            num_eos_tokens=NUM_EOS,
+        )
+        with pytest.raises(ValueError, match=f"invalid chat template name {re.escape(repr(name))}"):
+            bad.save_pretrained(tmp_path / "root" / "saved")
+        assert not any((tmp_path / "root").rglob("*.jinja")) and not list(tmp_path.glob("*.jinja"))
 
 
 def test_processor_kwargs_are_honeybees(processor):
@@ -898,6 +923,44 @@ def test_assistant_mask_is_the_official_label_rule(processor, toy, spm):
     prompt = SYSTEM_PROMPT + "".join(HUMAN + q + AI + a for q, a in turns)
     ids, mask = official_encode(spm, prompt, processor.num_visual_tokens, processor.image_token_id)
     assert out["input_ids"][0].tolist() == ids and out["assistant_masks"][0].tolist() == mask
+
+
+def test_any_chat_template_is_tokenized_as_rendered(processor):
+    """A template given to apply_chat_template renders the whole prompt, so it reaches the tokenizer as it is, `<s>`
+    in front and each `<image>` expanded (the official-format reading of `__call__` is for texts written by hand),
+    and the assistant mask marks the tokens the tokenizer's own apply_chat_template marks on the same turns without
+    images (transformers' common processor test). With images in several turns, and without any: a text-only prompt
+    is not a bare question to wrap in the official prompt."""
+    template = (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>' + '\\n' }}"
+        "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'][0]['text'] + '.' }}{% endgeneration %}"
+        "{% else %}{% for c in m['content'] %}{{ '<image>' if c['type'] == 'image' else c['text'] }}{% endfor %}"
+        "{% endif %}{{ '\\n' }}{% endfor %}"
+    )
+
+    def turns(with_images):
+        def turn(role, text, images):
+            pictures = [{"type": "image", "image": photo(i)} for i in range(images if with_images else 0)]
+            return {"role": role, "content": [*pictures, {"type": "text", "text": text}]}
+
+        return [turn("user", "What is it?", 2), turn("assistant", "A cat", 0), turn("user", "Here?", 1)] + [
+            turn("assistant", "A dog on a mat", 0)
+        ]
+
+    reference = processor.tokenizer.apply_chat_template(
+        turns(False), chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    expected = [i for i, marked in zip(reference["input_ids"], reference["assistant_masks"]) if marked]
+    assert expected
+    for with_images in (True, False):
+        messages = turns(with_images)
+        out = processor.apply_chat_template(
+            messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        rendered = processor.apply_chat_template(messages, chat_template=template)
+        assert rendered.count("<image>") == len(out.get("pixel_values", [])) == (3 if with_images else 0)
+        assert out["input_ids"][0] == [processor.tokenizer.bos_token_id] + tokenizer_ids(processor, rendered)
+        assert [i for i, m in zip(out["input_ids"][0], out["assistant_masks"][0]) if m] == expected
 
 
 def test_caption_messages_render_the_pre_training_format(processor, toy):
