@@ -35,6 +35,7 @@ from bench_e2e import MODELS, REFERENCE, SIZES, build_models, generate_once, mak
 
 HONEYBEE_7B = ("Honeybee-C-M144 @224", "Honeybee-D-M144 @224")
 NEW_TOKENS = 8
+CPU = torch.device("cpu")
 STREAMED_BYTES = 768 * 2**20  # bf16 weights called in turn per shape in `kernels`: several times the caches
 
 
@@ -70,9 +71,9 @@ def peak_rss_gib():
 def run_ttft(args):
     dtype = torch.bfloat16
     names = (REFERENCE, *HONEYBEE_7B)
-    flops = prefill_flops("7b", dtype, [1], args.prompt)
+    flops = prefill_flops(args.size, dtype, [1], args.prompt)
     torch.manual_seed(0)
-    models, llama = build_models("7b", torch.device("cpu"), dtype, names)
+    models, llama = build_models(args.size, CPU, dtype, names)
     gc.collect()
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
@@ -80,15 +81,15 @@ def run_ttft(args):
     rows = []
     for prompt in args.prompt:
         inputs = {
-            name: make_inputs("honeybee", MODELS[name][3], MODELS[name][1], 1, prompt, "cpu", dtype, seed=prompt)
+            name: make_inputs("honeybee", MODELS[name][3], MODELS[name][1], 1, prompt, CPU, dtype, seed=prompt)
             for name in names
         }
         for name in names:  # warm-up: the first call of a shape sets up oneDNN and the allocator
-            generate_once(models[name], inputs[name], 2, "cpu")
+            generate_once(models[name], inputs[name], 2, CPU)
         runs = {name: {c: ([], []) for c in clocks} for name in names}
         for repeat in range(args.repeats):
             for name in names if repeat % 2 == 0 else names[::-1]:
-                for c, (ttft, steps) in generate_once(models[name], inputs[name], NEW_TOKENS, "cpu", clocks).items():
+                for c, (ttft, steps) in generate_once(models[name], inputs[name], NEW_TOKENS, CPU, clocks).items():
                     runs[name][c][0].append(ttft)
                     runs[name][c][1].extend(steps)
             print(f"L={prompt}: repeat {repeat + 1} done", flush=True)
@@ -124,9 +125,7 @@ def run_ttft(args):
         "weights without the embedding + bf16 KV cache at the mean length of the timed steps) / that bandwidth",
         f"peak RSS of the process: {peak_rss_gib():.2f} GiB (three models sharing one Llama)",
     ]
-    lines = C.header(
-        "Real size (7B) on CPU: Honeybee vs LLaVA-1.5", torch.device("cpu"), dtype, C.command_line(), extra
-    )
+    lines = C.header("Real size (7B) on CPU: Honeybee vs LLaVA-1.5", CPU, dtype, C.command_line(), extra)
     lines += C.table(
         [
             "model",
@@ -302,7 +301,7 @@ def run_kernels(args):
     ]
     lines = C.header(
         "7B decode: the LLM's linear layers per quantized CPU path",
-        torch.device("cpu"),
+        CPU,
         torch.bfloat16,
         C.command_line(),
         extra,
@@ -352,12 +351,12 @@ def quantize_llm(model, method):
 
 def run_quant(args):
     dtype, name = torch.bfloat16, HONEYBEE_7B[0]
-    inputs = make_inputs("honeybee", MODELS[name][3], MODELS[name][1], 1, args.prompt[0], "cpu", dtype, seed=0)
+    inputs = make_inputs("honeybee", MODELS[name][3], MODELS[name][1], 1, args.prompt[0], CPU, dtype, seed=0)
     bandwidth = copy_bandwidth()
     rows, reference = [], None
     for method in args.methods:
         torch.manual_seed(0)  # the same weights for every path
-        models, _ = build_models("7b", torch.device("cpu"), dtype, (name,))
+        models, _ = build_models(args.size, CPU, dtype, (name,))
         model = quantize_llm(models[name], method)
         del models
         with torch.no_grad():
@@ -366,10 +365,10 @@ def run_quant(args):
             first_forward = time.perf_counter() - start
         if reference is None:
             reference = logits
-        generate_once(model, inputs, 2, "cpu")
+        generate_once(model, inputs, 2, CPU)
         ttfts, steps = [], []
         for _ in range(args.repeats):
-            (ttft, run_steps) = generate_once(model, inputs, NEW_TOKENS, "cpu")["wall"]
+            (ttft, run_steps) = generate_once(model, inputs, NEW_TOKENS, CPU)["wall"]
             ttfts.append(ttft)
             steps.extend(run_steps)
         drift = ((logits - reference).norm() / reference.norm()).item()
@@ -397,7 +396,7 @@ def run_quant(args):
         f"memory bandwidth (copy of 2 GiB, read + write): {bandwidth / 1e9:.1f} GB/s; peak RSS is the process's "
         "high-water mark so far (it includes the paths before)",
     ]
-    lines = C.header("7B decode end to end, quantized CPU paths", torch.device("cpu"), dtype, C.command_line(), extra)
+    lines = C.header("7B decode end to end, quantized CPU paths", CPU, dtype, C.command_line(), extra)
     lines += C.table(
         [
             "path",
@@ -418,6 +417,7 @@ def main():
     parser.add_argument("part", choices=["ttft", "kernels", "quant"])
     parser.add_argument("--prompt", type=int, nargs="+", default=[32, 512], help="text tokens after the image")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", default="7b", choices=sorted(SIZES), help="`small`: a quick check of the script")
     parser.add_argument("--methods", nargs="+", choices=sorted(QUANTIZERS), default=list(QUANTIZERS))
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: every core)")
     parser.add_argument("--out", default=None, help="markdown report (default results/real_size_<part>_cpu.md)")
