@@ -665,6 +665,11 @@ class HoneybeePreTrainedModel(PreTrainedModel):
             super()._init_weights(module)
 
 
+def _continues_a_sequence(past_key_values):
+    """True when the cache already holds positions: the step decodes after a prompt (whose images it has seen)."""
+    return past_key_values is not None and past_key_values.get_seq_length() > 0
+
+
 @dataclass
 class HoneybeeModelOutputWithPast(BaseModelOutputWithPast):
     """`BaseModelOutputWithPast` plus `image_hidden_states`: the projector outputs (num_images, M + n_eos, D)."""
@@ -788,8 +793,11 @@ class HoneybeeModel(HoneybeePreTrainedModel):
             if checking:
                 self.check_image_count(int(slots.sum()), pixel_values.shape[0])
             inputs_embeds = inputs_embeds.masked_scatter(slots[..., None], image_features.to(inputs_embeds.dtype))
-        elif checking and input_ids is not None and (input_ids == self.config.image_token_id).any():
-            raise ValueError("input_ids hold <image> placeholders but no pixel_values were given")
+        elif checking and input_ids is not None and not _continues_a_sequence(past_key_values):
+            # Only a prompt must come with its images: a decode step's token is the model's own output, and the
+            # vocabulary holds `<image>` (a random-weight 7B does generate it).
+            if (input_ids == self.config.image_token_id).any():
+                raise ValueError("input_ids hold <image> placeholders but no pixel_values were given")
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

@@ -4,6 +4,7 @@ Tiny random models (testing_utils.py) saved as Hub folders and loaded back with 
 transformers version runs the suite (CI runs it on 4.57.6 and 5.23).
 """
 
+import copy
 import math
 import os
 import sys
@@ -101,6 +102,22 @@ def test_greedy_generation_with_cache_equals_recomputing_everything(projector_ty
         if next_id.item() == config.text_config.eos_token_id:
             break
     assert cached.tolist() == ids.tolist()
+
+
+def test_a_generated_image_token_decodes_like_any_other_token():
+    # The vocabulary holds <image>, so a model (with a generation config that does not suppress it) may generate
+    # it: a decode step after a prompt embeds it as a token, as the same step given its embedding does.
+    config = tiny_config("c-abs")
+    model, processor = tiny_model(config, seed=1), tiny_processor(config)
+    inputs = processor(images=photo(1), text="Describe the photo.", return_tensors="pt")
+    image_id = torch.tensor([[config.image_token_id]])
+    with torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+        as_embedding = model(
+            inputs_embeds=model.get_input_embeddings()(image_id), past_key_values=copy.deepcopy(cache)
+        ).logits
+        as_id = model(input_ids=image_id, past_key_values=cache).logits
+    torch.testing.assert_close(as_id, as_embedding, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("projector_type", PROJECTORS)
