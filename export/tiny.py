@@ -10,11 +10,11 @@ import torch
 from transformers import AutoTokenizer
 
 from ..configuration_honeybee import HoneybeeConfig
+from ..convert.official import official_image_processor
+from ..convert.tokenizer import load_backend, save_tokenizer_files
 from ..modeling_honeybee import HoneybeeForConditionalGeneration
 from ..processing_honeybee import HoneybeeProcessor
 from .hub import save_hub_folder
-from .official import official_image_processor
-from .tokenizer import load_backend, save_tokenizer_files
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TOY_SPM = ASSETS / "toy_spm.model"

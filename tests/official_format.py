@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from honeybee_hf.export.official import UNUSED_VISION_PREFIX, official_key
+from honeybee_hf.convert.official import UNUSED_VISION_PREFIX, official_key
+from honeybee_hf.convert.tokenizer import load_backend
 from honeybee_hf.export.tiny import TOY_SPM
-from honeybee_hf.export.tokenizer import load_backend
 from honeybee_hf.modeling_honeybee import HoneybeeForConditionalGeneration
 
 # A config.json written by the official code (HEAD format), recorded with the official tiny checkpoint.

@@ -1,4 +1,4 @@
-"""`honeybee-convert` (export/convert.py, export/official.py): official Honeybee checkpoints -> Hub folders.
+"""`honeybee-convert` (convert/): official Honeybee checkpoints -> Hub folders.
 
 - The tiny official-format archive in fixtures/official_ckpt/ (written by the official code, with its recorded
   outputs) converted with the console command, loaded through the Auto classes on this transformers version and
@@ -24,10 +24,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import TESTS, other_python, run_script
-from honeybee_hf.export import convert as convert_module
-from honeybee_hf.export.convert import ConversionError, convert_official_checkpoint, main
+from honeybee_hf.convert import ConversionError, convert_official_checkpoint
+from honeybee_hf.convert import archive as archive_module
+from honeybee_hf.convert import writer as writer_module
+from honeybee_hf.convert.cli import main
+from honeybee_hf.convert.official import UNUSED_VISION_PREFIX, official_config_to_kwargs, official_key
 from honeybee_hf.export.hub import save_hub_folder
-from honeybee_hf.export.official import UNUSED_VISION_PREFIX, official_config_to_kwargs, official_key
 from honeybee_hf.export.tiny import TOY_SPM, tiny_config, tiny_model, tiny_processor
 
 sys.path.insert(0, str(TESTS))
@@ -76,7 +78,8 @@ def test_console_scripts_are_declared():
     from importlib.metadata import entry_points
 
     scripts = {e.name: e for e in entry_points(group="console_scripts") if e.name.startswith("honeybee-")}
-    assert scripts["honeybee-convert"].value == "honeybee_hf.export.convert:main"
+    # the installed metadata: an environment installed before a command moved needs `pip install -e .` again
+    assert scripts["honeybee-convert"].value == "honeybee_hf.convert.cli:main", "reinstall the package"
     assert scripts["honeybee-publish"].value == "honeybee_hf.export.publish:main"
     assert scripts["honeybee-convert"].load() is main
 
@@ -307,7 +310,7 @@ def test_dtype_option_and_streaming_shard_by_shard(tmp_path, monkeypatch):
     """Each official shard is read once to check it and once to convert it, memory-mapped and weights-only, and
     output shards are written while later official shards are still unread."""
     make_official_checkpoint(tmp_path / "src", "stream", shards=3)
-    events, real_load, real_save = [], torch.load, convert_module.save_file
+    events, real_load, real_save = [], torch.load, writer_module.save_file
 
     def spy_load(path, *args, **kwargs):
         assert kwargs.get("weights_only") is True and kwargs.get("mmap") is True
@@ -319,8 +322,8 @@ def test_dtype_option_and_streaming_shard_by_shard(tmp_path, monkeypatch):
         assert all(t.dtype == torch.float32 for t in tensors.values())
         return real_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(convert_module.torch, "load", spy_load)
-    monkeypatch.setattr(convert_module, "save_file", spy_save)
+    monkeypatch.setattr(torch, "load", spy_load)
+    monkeypatch.setattr(writer_module, "save_file", spy_save)
     out = unique(tmp_path, "stream")
     convert_official_checkpoint(
         tmp_path / "src" / "stream", out, TOY_SPM, dtype="float32", max_shard_size="40KB", progress=False
@@ -410,13 +413,13 @@ def test_streamed_archive_gives_the_folder_conversion(tmp_path, monkeypatch, ord
     from_folder = unique(tmp_path, "folder")
     convert_official_checkpoint(last, from_folder, TOY_SPM, max_shard_size="60KB", progress=False)
 
-    spooled, real_load = [], convert_module.load_weight_file
+    spooled, real_load = [], archive_module.load_weight_file
 
     def spy_load(path):
         spooled.append(sorted(p.name for p in path.parent.iterdir()))  # what is on disk while a file converts
         return real_load(path)
 
-    monkeypatch.setattr(convert_module, "load_weight_file", spy_load)
+    monkeypatch.setattr(archive_module, "load_weight_file", spy_load)
     work = tmp_path / "work"
     from_archive = unique(tmp_path, "archive")
     convert_official_checkpoint(archive, from_archive, TOY_SPM, max_shard_size="60KB", work_dir=work, progress=False)
@@ -444,7 +447,7 @@ def test_a_run_failing_midway_leaves_no_out_and_says_so_in_one_line(tmp_path, mo
     make_official_checkpoint(tmp_path / "src", "midway", shards=3)
     last = tmp_path / "src" / "midway" / "last"
     archive = _archive_in_order(last, tmp_path / "midway.tar.gz", ["config.json"])
-    calls, real_save = [], convert_module.save_file
+    calls, real_save = [], writer_module.save_file
     if fault == "archive_truncated_after_a_shard":
         data = archive.read_bytes()
         archive.write_bytes(data[: len(data) * 2 // 3])
@@ -456,7 +459,7 @@ def test_a_run_failing_midway_leaves_no_out_and_says_so_in_one_line(tmp_path, mo
                 (_no_space if fault == "disk_full" else _no_memory)(*args)
             return real_save(*args, **kwargs)
 
-        monkeypatch.setattr(convert_module, "save_file", failing_save)
+        monkeypatch.setattr(writer_module, "save_file", failing_save)
     out = tmp_path / "out"
     code = main([str(archive), str(out), "--tokenizer", str(TOY_SPM), "--max-shard-size", "60KB", "--quiet"])
     err = capsys.readouterr().err.strip()
@@ -576,7 +579,7 @@ def test_interrupted_write_leaves_out_untouched(tmp_path, monkeypatch, existing)
     if existing:
         out.mkdir()
         (out / "keep.txt").write_text("previous conversion")
-    calls, real_save = [], convert_module.save_file
+    calls, real_save = [], writer_module.save_file
 
     def interrupted(*args, **kwargs):
         calls.append(args[1])
@@ -584,7 +587,7 @@ def test_interrupted_write_leaves_out_untouched(tmp_path, monkeypatch, existing)
             raise KeyboardInterrupt  # Ctrl-C while the second shard is written
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(convert_module, "save_file", interrupted)
+    monkeypatch.setattr(writer_module, "save_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert_official_checkpoint(
             tmp_path / "src" / "interrupt", out, TOY_SPM, max_shard_size="60KB", force=True, progress=False

@@ -9,7 +9,7 @@ import huggingface_hub
 import pytest
 
 from conftest import TESTS
-from honeybee_hf.export.convert import convert_official_checkpoint
+from honeybee_hf.convert import convert_official_checkpoint
 from honeybee_hf.export.publish import PublishError, check_hub_folder, main, publish
 
 FIXTURE = TESTS / "fixtures" / "official_ckpt"

@@ -16,8 +16,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from conftest import photo
 from honeybee_hf.configuration_honeybee import HoneybeeConfig
-from honeybee_hf.export.convert import convert_official_checkpoint
-from honeybee_hf.export.official import map_official_state_dict
+from honeybee_hf.convert import convert_official_checkpoint
+from honeybee_hf.convert.official import map_official_state_dict
 
 VOCAB = 32000  # Vicuna v1.5; ours adds <image> = 32000
 PROJECTORS = {

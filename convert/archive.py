@@ -1,0 +1,354 @@
+"""Where an official checkpoint's files come from: a folder read in place, or a `.tar[.gz]` read once, front to back,
+as a stream, never unpacked (its members checked as they come: regular files and folders only)."""
+
+import contextlib
+import gzip
+import json
+import pickle
+import re
+import shutil
+import tarfile
+import tempfile
+import zlib
+from pathlib import Path, PurePosixPath
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
+
+from . import ConversionError
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+WEIGHT_FILES = {  # single file, index; in the order transformers 4.38 looked for them (.bin first: the release)
+    "bin": ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    "safetensors": ("model.safetensors", "model.safetensors.index.json"),
+}
+_COPY_CHUNK = 16 << 20
+
+
+class _ProgressReader:
+    """A read-only file wrapper that advances a progress bar by the bytes read."""
+
+    def __init__(self, raw, bar):
+        self.raw, self.bar = raw, bar
+
+    def read(self, size=-1):
+        data = self.raw.read(size)
+        self.bar.update(len(data))
+        return data
+
+
+class _Unreadable(ConversionError):
+    """The archive cannot be read further."""
+
+
+def _member_path(member):
+    """The archive path of `member` (a regular file or folder, inside the archive's folder), or a ConversionError
+    naming it. Nothing is ever written under a member's name, so the check is on the name alone."""
+    name = member.name
+    if not (member.isfile() or member.isdir()):
+        kind = "a symbolic link" if member.issym() else "a hard link" if member.islnk() else "not a regular file"
+        target = f" to {member.linkname!r}" if member.issym() or member.islnk() else ""
+        raise ConversionError(
+            f"archive member {name!r} is {kind}{target}; an official checkpoint holds only files and folders, "
+            "refusing to unpack it"
+        )
+    path = PurePosixPath(name)
+    if name.startswith(("/", "\\")) or path.is_absolute() or ".." in path.parts or "\\" in name:
+        raise ConversionError(
+            f"archive member {name!r} would be written outside the target folder; refusing to unpack it"
+        )
+    return PurePosixPath(*[part for part in path.parts if part != "."])
+
+
+def is_archive(path):
+    return Path(path).is_file() and Path(path).name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def archive_stem(path):
+    name = Path(path).name
+    for suffix in ARCHIVE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _weight_kind(name):
+    """ "bin" or "safetensors" for a weight file or index name as `save_pretrained` writes them, else None."""
+    for kind, (single, index) in WEIGHT_FILES.items():
+        stem, suffix = single.rsplit(".", 1)
+        if name in (single, index) or re.fullmatch(rf"{stem}-\d+-of-\d+\.{suffix}", name):
+            return kind
+    return None
+
+
+def load_weight_file(path):
+    """All tensors of one official weight file; `.bin` files are memory-mapped when their format allows it."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {key: f.get_tensor(key) for key in f.keys()}
+        except (SafetensorError, OSError) as error:
+            raise ConversionError(f"cannot read {path.name}: {error}; the file is truncated or corrupt") from error
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
+    except pickle.UnpicklingError as error:
+        if "weights only" not in str(error).lower():
+            raise ConversionError(f"cannot read {path.name}: {error}; the file is truncated or corrupt") from error
+        raise ConversionError(
+            f"refusing to load {path.name}: it holds pickled objects other than tensors, which "
+            f"torch.load(weights_only=True) will not build ({str(error).splitlines()[0]})"
+        ) from error
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise ConversionError(f"cannot read {path.name}: {error}; the file is truncated or corrupt") from error
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ConversionError(f"{path.name} does not hold a state dict (a dict of named tensors)")
+    return state
+
+
+def _read_index(text, name):
+    try:
+        return json.loads(text)["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise ConversionError(f"{name} is not a weights index ({error})") from error
+
+
+def _missing_shard(name, index, index_name, where):
+    count = sum(1 for f in index.values() if f == name)
+    return ConversionError(
+        f"shard {name} is missing: {index_name} puts {count} tensors in it but {where} has no such file (an "
+        "incomplete download or extraction?)"
+    )
+
+
+class FolderCheckpoint:
+    """An official checkpoint folder (`<name>/` or `<name>/last/`): config.json and the weight files
+    (`pytorch_model.bin`, or shards and their index; also safetensors), read in place one file at a time."""
+
+    def __init__(self, src):
+        found = self._locate(Path(src))
+        if found is None:
+            raise ConversionError(
+                f"{src} holds neither config.json nor last/config.json: not an official Honeybee checkpoint"
+            )
+        self.folder, self.name = found
+
+    @staticmethod
+    def _locate(folder):
+        if (folder / "config.json").is_file():
+            return folder, (folder.parent.name if folder.name == "last" else folder.name)
+        if (folder / "last" / "config.json").is_file():
+            return folder / "last", folder.name
+        return None
+
+    def config_text(self):
+        return (self.folder / "config.json").read_bytes(), self.name
+
+    def weights_index(self):
+        """(files in reading order, key -> file index or None, index file name or None)."""
+        for single, index in WEIGHT_FILES.values():
+            if (self.folder / single).is_file():
+                return [single], None, None
+            if (self.folder / index).is_file():
+                weight_map = _read_index((self.folder / index).read_bytes(), self.folder / index)
+                files = sorted(set(weight_map.values()))
+                for name in files:
+                    if not (self.folder / name).is_file():
+                        raise _missing_shard(name, weight_map, index, self.folder)
+                return files, weight_map, index
+        shards = sorted(p.name for p in self.folder.glob("pytorch_model-*.bin"))
+        hint = f" (shards {shards} but no pytorch_model.bin.index.json)" if shards else ""
+        raise ConversionError(f"{self.folder} holds no pytorch_model.bin, nor a weights index{hint}")
+
+    def weight_files(self, files):
+        """(file name, state dict) of each file of `files`, one at a time."""
+        for name in files:
+            yield name, load_weight_file(self.folder / name)
+
+
+class ArchiveCheckpoint:
+    """An official `.tar[.gz]` read once, front to back, as a stream: nothing is unpacked. Each weight file is
+    copied to a temporary file in `work_dir` (torch.load needs a seekable file), converted and deleted, so the
+    extra disk is the largest shard. Weight files that precede config.json wait on disk until it comes (the
+    release archives put config.json first). Every member is checked before it is read: regular files and
+    folders only, no absolute path, no `..`, no member twice."""
+
+    def __init__(self, archive, work_dir, progress=True):
+        self.archive, self.progress = Path(archive), progress
+        self.work_dir = Path(work_dir)
+        self.folder = None  # the checkpoint's folder inside the archive, once config.json is found
+        self.indexes, self.kinds, self.seen, self.top = {}, set(), set(), set()
+        self.waiting = {}  # archive path -> temporary file, weight files read before config.json
+
+    def __enter__(self):
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.spool = Path(tempfile.mkdtemp(prefix=f".{archive_stem(self.archive)}.unpack-", dir=self.work_dir))
+        self.raw = open(self.archive, "rb")
+        self.bar = tqdm(
+            total=self.archive.stat().st_size,
+            unit="B",
+            unit_scale=True,
+            desc=f"Reading {self.archive.name}",
+            disable=not self.progress,
+        )
+        with self._reading():
+            self.tar = tarfile.open(fileobj=_ProgressReader(self.raw, self.bar), mode="r|*", bufsize=_COPY_CHUNK)
+        self.members = iter(self.tar)
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        try:
+            if isinstance(error, ConversionError) and not isinstance(error, _Unreadable):
+                self._check_the_rest()  # a member that escapes or links is the error to report, whatever else is
+        finally:
+            self.bar.close()
+            self.raw.close()
+            shutil.rmtree(self.spool, ignore_errors=True)
+
+    def _check_the_rest(self):
+        """Check the members not read yet (their names only), so that a refused member is reported even when the
+        conversion stopped earlier, as it was when archives were unpacked whole first."""
+        try:
+            while self._next_file() is not None:
+                pass
+        except _Unreadable:
+            pass
+
+    @contextlib.contextmanager
+    def _reading(self):
+        try:
+            yield
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
+            raise _Unreadable(
+                f"{self.archive} is truncated or corrupt ({type(error).__name__}: {error}); download it again"
+            ) from error
+
+    def _next_file(self):
+        """(archive path, member) of the next regular file, checked; None at the end of the archive."""
+        while True:
+            with self._reading():
+                member = next(self.members, None)
+            if member is None:
+                return None
+            path = _member_path(member)
+            if path in self.seen:
+                raise ConversionError(f"archive member {member.name!r} appears twice; refusing an ambiguous archive")
+            if path.parts:
+                self.top.add(path.parts[0])
+            if member.isdir():
+                continue
+            self.seen.add(path)
+            return path, member
+
+    def _read_bytes(self, member):
+        with self._reading():
+            return self.tar.extractfile(member).read()
+
+    def _spool(self, path, member):
+        destination = self.spool / f"{len(self.seen)}-{path.name}"
+        with self._reading(), open(destination, "xb") as out:
+            shutil.copyfileobj(self.tar.extractfile(member), out, _COPY_CHUNK)
+        return destination
+
+    @staticmethod
+    def _checkpoint_folder(path):
+        """The checkpoint folder (archive path) and <name> when `path` is its config.json, else None."""
+        parts = path.parts
+        if parts[-1] != "config.json" or len(parts) > 3 or (len(parts) == 3 and parts[1] != "last"):
+            return None
+        folder = path.parent
+        return folder, (parts[0] if len(parts) >= 2 and parts[0] != "last" else None)
+
+    def _take(self, path, member):
+        """Keep what the conversion needs of a member that is not config.json: indexes in memory, weight files
+        on disk (only those of the checkpoint's folder once it is known)."""
+        kind = _weight_kind(path.name)
+        if kind is None or (self.folder is not None and path.parent != self.folder):
+            return None
+        if path.name in (WEIGHT_FILES[kind][1],):
+            self.indexes[path] = self._read_bytes(member)
+            return None
+        self.kinds.add(kind)
+        if len(self.kinds) > 1:
+            raise ConversionError(f"{self.archive} holds both .bin and .safetensors weights; refusing to pick one")
+        return self._spool(path, member)
+
+    def config_text(self):
+        """(config.json bytes, checkpoint name), reading the archive up to config.json."""
+        while True:
+            found = self._next_file()
+            if found is None:
+                raise ConversionError(
+                    f"{self.archive} holds no <name>/last/config.json (members at its top: {sorted(self.top)}); "
+                    "not an official Honeybee archive"
+                )
+            path, member = found
+            located = self._checkpoint_folder(path)
+            if located is None:
+                spooled = self._take(path, member)
+                if spooled is not None:
+                    self.waiting[path] = spooled
+                continue
+            self.folder, name = located
+            for waiting in [p for p in self.waiting if p.parent != self.folder]:
+                self.waiting.pop(waiting).unlink()
+            return self._read_bytes(member), name or archive_stem(self.archive)
+
+    def weights_index(self):
+        """What is known before the weights are read: nothing (the stream order decides); see `finish_index`."""
+        return None, None, None
+
+    def weight_files(self, files=None):
+        """(file name, state dict) of each weight file of the checkpoint folder, in archive order; its temporary
+        file is deleted once the caller asks for the next one."""
+        while True:
+            if self.waiting:
+                path = next(iter(self.waiting))  # in archive order
+                spooled = self.waiting.pop(path)
+            else:
+                found = self._next_file()
+                if found is None:
+                    return
+                if self._checkpoint_folder(found[0]) is not None:
+                    raise ConversionError(f"{self.archive} holds more than one config.json ({found[0]}); ambiguous")
+                path, spooled = found[0], self._take(*found)
+                if spooled is None:
+                    continue
+            try:
+                yield path.name, load_weight_file(spooled)
+            finally:
+                spooled.unlink()
+
+    def finish_index(self, names):
+        """(key -> file index or None, index name) once every weight file was read; `names`: the files read."""
+        for kind, (single, index) in WEIGHT_FILES.items():
+            text = self.indexes.get(self.folder / index)
+            if text is not None and (kind in self.kinds or not self.kinds):
+                weight_map = _read_index(text, index)
+                for name in sorted(set(weight_map.values()) - set(names)):
+                    raise _missing_shard(name, weight_map, index, self.archive)
+                return weight_map, index
+        if not names:
+            raise ConversionError(f"{self.archive} holds no pytorch_model.bin, nor a weights index, in {self.folder}")
+        if len(names) > 1 or names[0] not in (single for single, _ in WEIGHT_FILES.values()):
+            raise ConversionError(f"{self.archive} holds shards {sorted(names)} but no weights index")
+        return None, None
+
+
+def open_checkpoint(src, work_dir, progress):
+    src = Path(src)
+    if src.is_dir():
+        return contextlib.nullcontext(FolderCheckpoint(src))
+    if not src.exists():
+        raise ConversionError(f"{src} does not exist; pass an official .tar.gz archive or the folder it unpacks to")
+    if not is_archive(src):
+        raise ConversionError(f"{src} is neither a folder nor a .tar.gz/.tgz/.tar archive")
+    return ArchiveCheckpoint(src, work_dir, progress)
