@@ -1,10 +1,10 @@
 """Where an official checkpoint's files come from: a folder read in place, or a `.tar[.gz]` read once, front to back,
-as a stream, never unpacked (its members checked as they come: regular files and folders only)."""
+as a stream, never unpacked (its members checked as they come: regular files and folders only). Either gives
+config.json, then each weight file (`weight_files.py`) one at a time."""
 
 import contextlib
 import gzip
 import json
-import pickle
 import re
 import shutil
 import tarfile
@@ -12,11 +12,10 @@ import tempfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-import torch
-from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from . import ConversionError
+from .weight_files import NotStreamable, StreamedBin, load_weight_file, note_not_streamed, open_weight_file
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 WEIGHT_FILES = {  # single file, index; in the order transformers 4.38 looked for them (.bin first: the release)
@@ -82,38 +81,6 @@ def _weight_kind(name):
     return None
 
 
-def load_weight_file(path):
-    """All tensors of one official weight file; `.bin` files are memory-mapped when their format allows it."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return {key: f.get_tensor(key) for key in f.keys()}
-        except (SafetensorError, OSError) as error:
-            raise ConversionError(f"cannot read {path.name}: {error}; the file is truncated or corrupt") from error
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
-    except pickle.UnpicklingError as error:
-        if "weights only" not in str(error).lower():
-            raise ConversionError(f"cannot read {path.name}: {error}; the file is truncated or corrupt") from error
-        raise ConversionError(
-            f"refusing to load {path.name}: it holds pickled objects other than tensors, which "
-            f"torch.load(weights_only=True) will not build ({str(error).splitlines()[0]})"
-        ) from error
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise ConversionError(f"cannot read {path.name}: {error}; the file is truncated or corrupt") from error
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise ConversionError(f"{path.name} does not hold a state dict (a dict of named tensors)")
-    return state
-
-
 def _read_index(text, name):
     try:
         return json.loads(text)["weight_map"]
@@ -140,6 +107,7 @@ class FolderCheckpoint:
                 f"{src} holds neither config.json nor last/config.json: not an official Honeybee checkpoint"
             )
         self.folder, self.name = found
+        self.noted = set()
 
     @staticmethod
     def _locate(folder):
@@ -169,17 +137,25 @@ class FolderCheckpoint:
         raise ConversionError(f"{self.folder} holds no pytorch_model.bin, nor a weights index{hint}")
 
     def weight_files(self, files):
-        """(file name, state dict) of each file of `files`, one at a time."""
+        """(file name, weight file) of each file of `files`, one at a time (`weight_files.open_weight_file`); a file
+        read twice (checked, then converted) that cannot be streamed is named once."""
         for name in files:
-            yield name, load_weight_file(self.folder / name)
+            with open_weight_file(self.folder / name, note=self._note_once) as weights:
+                yield name, weights
+
+    def _note_once(self, name, reason):
+        if name not in self.noted:
+            self.noted.add(name)
+            note_not_streamed(name, reason)
 
 
 class ArchiveCheckpoint:
-    """An official `.tar[.gz]` read once, front to back, as a stream: nothing is unpacked. Each weight file is
-    copied to a temporary file in `work_dir` (torch.load needs a seekable file), converted and deleted, so the
-    extra disk is the largest shard. Weight files that precede config.json wait on disk until it comes (the
-    release archives put config.json first). Every member is checked before it is read: regular files and
-    folders only, no absolute path, no `..`, no member twice."""
+    """An official `.tar[.gz]` read once, front to back, as a stream: nothing is unpacked. Each `.bin` is read from
+    the stream as it passes (`weight_files.StreamedBin`), so nothing goes to disk. A weight file waits in a
+    temporary file in `work_dir`, converted and deleted, only when it precedes config.json (the release archives
+    put config.json first), when it is safetensors, or when the stream reader cannot read it (it says so on
+    stderr). Every member is checked before it is read: regular files and folders only, no absolute path, no
+    `..`, no member twice."""
 
     def __init__(self, archive, work_dir, progress=True):
         self.archive, self.progress = Path(archive), progress
@@ -252,10 +228,17 @@ class ArchiveCheckpoint:
         with self._reading():
             return self.tar.extractfile(member).read()
 
-    def _spool(self, path, member):
+    def _member_stream(self, member):
+        """The member's bytes as a stream whose read errors say the archive is truncated or corrupt."""
+        with self._reading():
+            return _CheckedStream(self.tar.extractfile(member), self._reading)
+
+    def _spool(self, path, stream, head=b""):
+        """`head` then the rest of `stream`, to a temporary file."""
         destination = self.spool / f"{len(self.seen)}-{path.name}"
-        with self._reading(), open(destination, "xb") as out:
-            shutil.copyfileobj(self.tar.extractfile(member), out, _COPY_CHUNK)
+        with open(destination, "xb") as out:
+            out.write(head)
+            shutil.copyfileobj(stream, out, _COPY_CHUNK)
         return destination
 
     @staticmethod
@@ -267,19 +250,19 @@ class ArchiveCheckpoint:
         folder = path.parent
         return folder, (parts[0] if len(parts) >= 2 and parts[0] != "last" else None)
 
-    def _take(self, path, member):
-        """Keep what the conversion needs of a member that is not config.json: indexes in memory, weight files
-        on disk (only those of the checkpoint's folder once it is known)."""
+    def _kind(self, path, member):
+        """ "bin" or "safetensors" for a weight file of the checkpoint's folder (once it is known), else None; an
+        index is kept in memory."""
         kind = _weight_kind(path.name)
         if kind is None or (self.folder is not None and path.parent != self.folder):
             return None
-        if path.name in (WEIGHT_FILES[kind][1],):
+        if path.name == WEIGHT_FILES[kind][1]:
             self.indexes[path] = self._read_bytes(member)
             return None
         self.kinds.add(kind)
         if len(self.kinds) > 1:
             raise ConversionError(f"{self.archive} holds both .bin and .safetensors weights; refusing to pick one")
-        return self._spool(path, member)
+        return kind
 
     def config_text(self):
         """(config.json bytes, checkpoint name), reading the archive up to config.json."""
@@ -293,9 +276,8 @@ class ArchiveCheckpoint:
             path, member = found
             located = self._checkpoint_folder(path)
             if located is None:
-                spooled = self._take(path, member)
-                if spooled is not None:
-                    self.waiting[path] = spooled
+                if self._kind(path, member) is not None:  # before config.json: it waits on disk
+                    self.waiting[path] = self._spool(path, self._member_stream(member))
                 continue
             self.folder, name = located
             for waiting in [p for p in self.waiting if p.parent != self.folder]:
@@ -307,25 +289,39 @@ class ArchiveCheckpoint:
         return None, None, None
 
     def weight_files(self, files=None):
-        """(file name, state dict) of each weight file of the checkpoint folder, in archive order; its temporary
-        file is deleted once the caller asks for the next one."""
-        while True:
-            if self.waiting:
-                path = next(iter(self.waiting))  # in archive order
-                spooled = self.waiting.pop(path)
-            else:
-                found = self._next_file()
-                if found is None:
-                    return
-                if self._checkpoint_folder(found[0]) is not None:
-                    raise ConversionError(f"{self.archive} holds more than one config.json ({found[0]}); ambiguous")
-                path, spooled = found[0], self._take(*found)
-                if spooled is None:
-                    continue
+        """(file name, weight file) of each weight file of the checkpoint folder, in archive order. The caller reads
+        a file's tensors before it asks for the next file: the archive moves on then."""
+        for path in list(self.waiting):  # in archive order
+            yield from self._from_disk(path, self.waiting.pop(path))
+        while (found := self._next_file()) is not None:
+            path, member = found
+            if self._checkpoint_folder(path) is not None:
+                raise ConversionError(f"{self.archive} holds more than one config.json ({path}); ambiguous")
+            kind = self._kind(path, member)
+            if kind is None:
+                continue
+            stream = self._member_stream(member)
+            if kind == "safetensors":
+                yield from self._from_disk(path, self._spool(path, stream))
+                continue
             try:
-                yield path.name, load_weight_file(spooled)
-            finally:
-                spooled.unlink()
+                weights = StreamedBin(stream, path.name)
+            except NotStreamable as why:
+                note_not_streamed(path.name, why, self.work_dir)
+                yield from self._from_disk(path, self._spool(path, stream, why.consumed), streamable=False)
+            else:
+                yield path.name, weights
+
+    def _from_disk(self, path, spooled, streamable=True):
+        """The weight file `path`, spooled to `spooled`, which is deleted once the caller asks for the next file."""
+        try:
+            if streamable:
+                with open_weight_file(spooled, path.name) as weights:
+                    yield path.name, weights
+            else:
+                yield path.name, load_weight_file(spooled, path.name)
+        finally:
+            spooled.unlink()
 
     def finish_index(self, names):
         """(key -> file index or None, index name) once every weight file was read; `names`: the files read."""
@@ -352,3 +348,18 @@ def open_checkpoint(src, work_dir, progress):
     if not is_archive(src):
         raise ConversionError(f"{src} is neither a folder nor a .tar.gz/.tgz/.tar archive")
     return ArchiveCheckpoint(src, work_dir, progress)
+
+
+class _CheckedStream:
+    """A tar member's stream whose read errors (a truncated or corrupt archive) are `_reading`'s one-line error."""
+
+    def __init__(self, raw, reading):
+        self.raw, self.reading = raw, reading
+
+    def read(self, size=-1):
+        with self.reading():
+            return self.raw.read(size)
+
+    def readinto(self, buffer):
+        with self.reading():
+            return self.raw.readinto(buffer)

@@ -38,7 +38,8 @@ def build_parser():
     parser.add_argument(
         "--work-dir",
         type=Path,
-        help="where an archive's weight files are spooled, one at a time (default: next to OUT)",
+        help="where an archive's weight file waits, one at a time, when it cannot be converted as it streams (it "
+        "precedes config.json, or its layout is not torch.save's; the converter says so) (default: next to OUT)",
     )
     parser.add_argument(
         "--allow-unknown-config-key",

@@ -3,21 +3,24 @@ to) -> a Hub-ready folder that loads with `trust_remote_code=True` on transforme
 
     honeybee-convert 7B-C-Abs-M144.tar.gz Honeybee-C-7B-M144 --tokenizer vicuna-7b-v1.5/tokenizer.model
 
-What happens, in order; every check runs before anything is written:
-1. A folder (`<name>/` or `<name>/last/`) is read in place. An archive is read once, as a stream, never unpacked:
-   its members are checked as they come (regular files and folders only: absolute paths, `..`, links and devices
-   are refused), `<name>/last/config.json` is read, and each weight file is copied to a temporary file next to OUT,
-   converted and deleted (extra disk: the largest shard).
+What happens, in order; every check runs before OUT is touched:
+1. A folder (`<name>/` or `<name>/last/`) is read in place. An archive is read once, as a stream, never unpacked
+   (`archive.py`): its members are checked as they come (regular files and folders only: absolute paths, `..`,
+   links and devices are refused) and `<name>/last/config.json` is read.
 2. `config.json` (Dec-2023 or HEAD format) becomes a `HoneybeeConfig` (`official.official_config_to_kwargs`),
    with the vocabulary grown by one for `<image>` (id = the official vocabulary size).
 3. The tokenizer (Vicuna's sentencepiece `tokenizer.model`, or a folder) must have exactly that vocabulary.
-4. Every weight file is opened (memory-mapped, `torch.load(weights_only=True)`: nothing in it is executed) and its
-   keys and shapes are mapped onto a meta-device model (`official.map_official_state_dict`): an unknown, missing
-   or wrongly shaped tensor, a missing or truncated shard, or eos tokens that disagree with the config stop the
-   run. A folder is checked whole before anything is written; an archive, readable only once, file by file as it
-   streams and whole at the end, before OUT is touched.
-5. One official file is loaded at a time, mapped, and written out as safetensors shards, so memory holds one
-   official file (memory-mapped) and one output shard at most.
+4. Each weight file is read in one pass (`weight_files.py`): a torch.save `.bin` from the archive's stream (or the
+   folder's file), its `data.pkl` unpickled first with an unpickler that builds nothing but tensor descriptions,
+   then each tensor built when its storage's record arrives. Its names and shapes are planned onto a meta-device
+   model before any weight is read (`official.plan_official_state_dict`): an unknown, missing or wrongly shaped
+   tensor, a missing or truncated shard, or eos tokens that disagree with the config stop the run. A folder is
+   checked whole before anything is written (each file's data.pkl and records, its data skipped); an archive,
+   readable only once, file by file as it streams and whole at the end.
+5. The plan lays out the file's safetensors shards, whose headers are written first (`writer.py`); each tensor is
+   written to its place as it arrives, so memory holds one official tensor at a time (and, for the embedding, the
+   `<image>` row). Nothing is spooled to disk, except weight files that come before config.json in an archive or
+   that the stream reader cannot read (`weight_files.py` says which), one at a time, next to OUT (`work_dir`).
 6. config, generation config, processor and tokenizer files, code and model card are added (`hub.py`), in a
    staging folder that replaces OUT only at the end: a failed or interrupted run leaves OUT as it was.
 
@@ -38,10 +41,12 @@ from ..export.model_card import render_model_card
 from . import ConversionError
 from .archive import open_checkpoint
 from .official import (
-    map_official_state_dict,
+    edit_tensor,
+    edited_parts,
     num_eos_tokens_origin,
     official_config_to_kwargs,
     official_image_processor,
+    plan_official_state_dict,
 )
 from .writer import ShardWriter, parse_size
 
@@ -52,39 +57,81 @@ from .writer import ShardWriter, parse_size
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+def convert_official_checkpoint(
+    src,
+    out,
+    tokenizer,
+    dtype=None,
+    max_shard_size="5GB",
+    force=False,
+    name=None,
+    work_dir=None,
+    allow_unknown_config_keys=(),
+    progress=True,
+):
+    """Convert an official Honeybee checkpoint (`.tar.gz` or folder) into the Hub-ready folder `out`.
+
+    `tokenizer`: Vicuna's sentencepiece `tokenizer.model`, or a folder holding it or a `tokenizer.json`.
+    `dtype`: "bfloat16", "float16" or "float32" (default: the checkpoint's); a D-Abstractor stays float32, as
+    the official code ran it. `work_dir`: where an archive's weight file waits when it cannot be converted as it
+    streams (default: next to `out`).
+    """
+    src, out = Path(src), Path(out)
+    if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
+        raise ConversionError(f"OUT ({out}) must not be SRC or a folder holding it: it is replaced at the end")
+    refuse_existing(out, force)
+    max_shard_size = parse_size(max_shard_size)
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    with open_checkpoint(src, work_dir or out.resolve().parent, progress) as checkpoint:
+        text, found_name = checkpoint.config_text()
+        official, kwargs, image_mean, image_std = read_official_config(text, src, allow_unknown_config_keys)
+        backend = tokenizer_backend(tokenizer, kwargs["text_config"]["vocab_size"], kwargs["text_config"])
+        config = honeybee_config(kwargs)
+        target = meta_state_dict(config)
+        files, index, index_name = checkpoint.weights_index()
+        if files is not None:  # a folder: checked whole before anything is written
+            table = read_weight_table(checkpoint, files, progress)
+            check_weights(official, config, target, table, index, index_name)
+        processor = build_processor(backend, config, image_mean, image_std)
+        with staging_folder(out, force) as staging:
+            with ShardWriter(staging, max_shard_size, progress) as writer:
+                table, out_dtype = write_weights(checkpoint, files, target, config, writer, DTYPES.get(dtype), progress)
+                if files is None:  # an archive, readable only once: checked whole now, before OUT is replaced
+                    index, index_name = checkpoint.finish_index(list(table))
+                    check_weights(official, config, target, table, index, index_name)
+                writer.finish()
+            write_hub_files(staging, config, processor, out_dtype, name or found_name, src)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Checks on the weights
+# config.json, tokenizer, processor
 # ---------------------------------------------------------------------------------------------------------
 
 
-def meta_state(state):
-    return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}
+def read_official_config(text, src, allow_unknown_config_keys=()):
+    """(official config dict, HoneybeeConfig kwargs before `<image>`, image mean, image std) from config.json."""
+    try:
+        official = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConversionError(f"config.json of {src} is not valid JSON ({error})") from error
+    try:
+        kwargs, image_mean, image_std = official_config_to_kwargs(official, allow_unknown_config_keys)
+    except ValueError as error:
+        raise ConversionError(str(error)) from error
+    return official, kwargs, image_mean, image_std
 
 
-def check_weight_table(table, index, index_name):
-    """`table` ({file: meta state}) against the index, and no key in two files."""
-    for name, state in table.items():
-        if index is None:
-            continue
-        indexed = {k for k, f in index.items() if f == name}
-        extra, missing = sorted(set(state) - indexed), sorted(indexed - set(state))
-        if missing:
-            raise ConversionError(
-                f"{name} lacks {missing[0]!r}, which {index_name} says it holds ({len(missing)} missing)"
-            )
-        if extra:
-            raise ConversionError(f"{name} holds {extra[0]!r}, which {index_name} does not list")
-    seen = {}
-    for name, state in table.items():
-        for key in state:
-            if key in seen:
-                raise ConversionError(f"{key!r} is in both {seen[key]} and {name}")
-            seen[key] = name
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Tokenizer, processor, writing
-# ---------------------------------------------------------------------------------------------------------
+def honeybee_config(kwargs):
+    """The HoneybeeConfig of the official kwargs, its vocabulary grown by one for `<image>` (id = the official
+    vocabulary size, so every official id keeps its meaning)."""
+    vocab = kwargs["text_config"]["vocab_size"]
+    kwargs = dict(kwargs, text_config=dict(kwargs["text_config"], vocab_size=vocab + 1))
+    try:
+        return HoneybeeConfig(**kwargs, image_token_id=vocab)
+    except ValueError as error:
+        raise ConversionError(f"config.json: {error}") from error
 
 
 def tokenizer_backend(source, vocab_size, text_config):
@@ -151,6 +198,71 @@ def build_processor(backend, config, image_mean=None, image_std=None):
     )
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The weights: checked, then converted one official file at a time
+# ---------------------------------------------------------------------------------------------------------
+
+
+def meta_state_dict(config):
+    """Our model's state dict on the meta device: every key and shape, no memory."""
+    from ..modeling_honeybee import HoneybeeForConditionalGeneration
+
+    with torch.device("meta"):
+        return HoneybeeForConditionalGeneration(config).state_dict()
+
+
+def read_weight_table(checkpoint, files, progress):
+    """{file: meta state} of a folder's weight files, each file's records verified (its data skipped)."""
+    table = {}
+    for file, weights in tqdm(
+        checkpoint.weight_files(files),
+        total=len(files),
+        desc="Checking weight files",
+        unit="file",
+        disable=not progress,
+    ):
+        weights.check()
+        table[file] = weights.meta
+    return table
+
+
+def check_weight_table(table, index, index_name):
+    """`table` ({file: meta state}) against the index, and no key in two files."""
+    for name, state in table.items():
+        if index is None:
+            continue
+        indexed = {k for k, f in index.items() if f == name}
+        extra, missing = sorted(set(state) - indexed), sorted(indexed - set(state))
+        if missing:
+            raise ConversionError(
+                f"{name} lacks {missing[0]!r}, which {index_name} says it holds ({len(missing)} missing)"
+            )
+        if extra:
+            raise ConversionError(f"{name} holds {extra[0]!r}, which {index_name} does not list")
+    seen = {}
+    for name, state in table.items():
+        for key in state:
+            if key in seen:
+                raise ConversionError(f"{key!r} is in both {seen[key]} and {name}")
+            seen[key] = name
+
+
+def plan_weights(meta, target, complete=False):
+    """`official.plan_official_state_dict`, its ValueError a ConversionError."""
+    try:
+        return plan_official_state_dict(meta, target, complete=complete)
+    except ValueError as error:
+        raise ConversionError(f"the weights do not fit the checkpoint's config.json: {error}") from error
+
+
+def check_weights(official, config, target, table, index, index_name):
+    """The whole checkpoint (`table`: {file: meta state}): against its index, every key and shape, none missing,
+    and the eos tokens."""
+    check_weight_table(table, index, index_name)
+    check_eos_tokens(official, config, table)
+    plan_weights({k: v for state in table.values() for k, v in state.items()}, target, complete=True)
+
+
 def checkpoint_dtype(mapped):
     """The checkpoint's dtype: that of its first floating tensor outside the abstractor (the official training
     casts the whole model to one dtype; the abstractor may differ), or None when `mapped` holds none."""
@@ -159,126 +271,49 @@ def checkpoint_dtype(mapped):
     )
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Entry points
-# ---------------------------------------------------------------------------------------------------------
+def write_weights(checkpoint, files, target, config, writer, out_dtype, progress):
+    """Convert and write every weight file of `checkpoint` as it is read; `out_dtype` None: the checkpoint's.
+    Returns ({file: meta state}, the dtype written)."""
+    fp32_abstractor = config.projector_config.projector_type == "d-abs"  # the official D-Abs always ran in fp32
+    table = {}
+    for file, weights in tqdm(
+        checkpoint.weight_files(files),
+        total=files and len(files),
+        desc="Converting weight files",
+        unit="file",
+        disable=not progress,
+    ):
+        table[file] = weights.meta
+        plan = plan_weights(weights.meta, target)
+        shapes = {ours: edit_tensor(edit, weights.meta[key]) for key, (ours, edit) in plan.items()}  # meta
+        out_dtype = out_dtype or checkpoint_dtype(shapes)
+        writer.add_file(
+            [(key, tuple(t.shape), _written_dtype(key, t, out_dtype, fp32_abstractor)) for key, t in shapes.items()]
+        )
+        for key, tensor in weights.tensors():
+            if key in plan:  # not a stale buffer nor CLIP's unused post_layernorm
+                ours, edit = plan[key]
+                writer.write(ours, edited_parts(edit, tensor))
+            del tensor
+        writer.close_file()
+    return table, out_dtype
 
 
-def convert_official_checkpoint(
-    src,
-    out,
-    tokenizer,
-    dtype=None,
-    max_shard_size="5GB",
-    force=False,
-    name=None,
-    work_dir=None,
-    allow_unknown_config_keys=(),
-    progress=True,
-):
-    """Convert an official Honeybee checkpoint (`.tar.gz` or folder) into the Hub-ready folder `out`.
-
-    `tokenizer`: Vicuna's sentencepiece `tokenizer.model`, or a folder holding it or a `tokenizer.json`.
-    `dtype`: "bfloat16", "float16" or "float32" (default: the checkpoint's); a D-Abstractor stays float32, as
-    the official code ran it. `work_dir`: where an archive's weight files are spooled one at a time (default: next
-    to `out`).
-    """
-    src, out = Path(src), Path(out)
-    if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
-        raise ConversionError(f"OUT ({out}) must not be SRC or a folder holding it: it is replaced at the end")
-    refuse_existing(out, force)
-    max_shard_size = parse_size(max_shard_size)
-    if dtype is not None and dtype not in DTYPES:
-        raise ConversionError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    with open_checkpoint(src, work_dir or out.resolve().parent, progress) as checkpoint:
-        text, found_name = checkpoint.config_text()
-        try:
-            official = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ConversionError(f"config.json of {src} is not valid JSON ({error})") from error
-        try:
-            kwargs, image_mean, image_std = official_config_to_kwargs(official, allow_unknown_config_keys)
-        except ValueError as error:
-            raise ConversionError(str(error)) from error
-        vocab = kwargs["text_config"]["vocab_size"]
-        backend = tokenizer_backend(tokenizer, vocab, kwargs["text_config"])
-        kwargs["text_config"]["vocab_size"] = vocab + 1  # + <image>
-        try:
-            config = HoneybeeConfig(**kwargs, image_token_id=vocab)
-        except ValueError as error:
-            raise ConversionError(f"config.json: {error}") from error
-        from ..modeling_honeybee import HoneybeeForConditionalGeneration
-
-        with torch.device("meta"):
-            target = HoneybeeForConditionalGeneration(config).state_dict()
-
-        def check_whole(table):  # every key, shape, the completeness and the eos tokens, on meta tensors
-            check_eos_tokens(official, config, table)
-            try:
-                map_official_state_dict({k: v for state in table.values() for k, v in state.items()}, target)
-            except ValueError as error:
-                raise ConversionError(f"the weights do not fit the checkpoint's config.json: {error}") from error
-
-        # A folder is checked whole before anything is written; an archive can be read only once, so it is
-        # checked file by file as it streams (unknown keys, shapes) and whole at the end, before OUT is replaced.
-        files, index, index_name = checkpoint.weights_index()
-        if files is not None:
-            table = {}
-            for file, state in tqdm(
-                checkpoint.weight_files(files),
-                total=len(files),
-                desc="Checking weight files",
-                unit="file",
-                disable=not progress,
-            ):
-                table[file] = meta_state(state)
-                del state
-            check_weight_table(table, index, index_name)
-            check_whole(table)
-        processor = build_processor(backend, config, image_mean, image_std)
-        name = name or found_name
-        fp32_abstractor = config.projector_config.projector_type == "d-abs"  # the official D-Abs always ran in fp32
-        out_dtype = DTYPES[dtype] if dtype else None
-
-        with staging_folder(out, force) as staging:
-            writer = ShardWriter(staging, max_shard_size, progress)
-            streamed = {}
-            for file, state in tqdm(
-                checkpoint.weight_files(files),
-                total=files and len(files),
-                desc="Converting weight files",
-                unit="file",
-                disable=not progress,
-            ):
-                streamed[file] = meta_state(state)
-                try:
-                    mapped = map_official_state_dict(state, target, complete=False)
-                except ValueError as error:
-                    raise ConversionError(f"the weights do not fit the checkpoint's config.json: {error}") from error
-                del state
-                out_dtype = out_dtype or checkpoint_dtype(mapped)
-                dtypes = {
-                    key: (torch.float32 if fp32_abstractor and key.startswith("model.abstractor.") else out_dtype)
-                    if t.is_floating_point()
-                    else t.dtype
-                    for key, t in mapped.items()
-                }
-                writer.add(mapped, dtypes)
-                del mapped
-            if files is None:
-                index, index_name = checkpoint.finish_index(list(streamed))
-                check_weight_table(streamed, index, index_name)
-                check_whole(streamed)
-            writer.finish()
-            dtype_name = str(out_dtype).replace("torch.", "")
-            config.save_pretrained(staging)
-            _patch_config_dtype(staging / "config.json", dtype_name)
-            card = render_model_card(config, name=name, source=src.name, dtype=dtype_name)
-            write_support_files(config, processor, staging, card)
-    return out
+def _written_dtype(key, tensor, out_dtype, fp32_abstractor):
+    if not tensor.is_floating_point():
+        return tensor.dtype
+    if fp32_abstractor and key.startswith("model.abstractor."):
+        return torch.float32
+    return out_dtype or tensor.dtype  # None while only abstractor weights were read (the dtype is not known yet)
 
 
-def _patch_config_dtype(path, dtype_name):
+def write_hub_files(folder, config, processor, dtype, name, src):
+    """config.json (with the weights' dtype), generation config, processor and tokenizer files, code and card."""
+    dtype_name = str(dtype).replace("torch.", "")
+    config.save_pretrained(folder)
+    path = folder / "config.json"
     data = json.loads(path.read_text())
     data["torch_dtype"] = data["dtype"] = dtype_name
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    card = render_model_card(config, name=name, source=src.name, dtype=dtype_name)
+    write_support_files(config, processor, folder, card)

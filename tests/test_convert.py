@@ -17,6 +17,7 @@ import re
 import sys
 import tarfile
 import uuid
+import weakref
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import TESTS, other_python, run_script
-from honeybee_hf.convert import ConversionError, convert_official_checkpoint
+from honeybee_hf.convert import ConversionError, convert_official_checkpoint, weight_files
 from honeybee_hf.convert import archive as archive_module
 from honeybee_hf.convert import writer as writer_module
 from honeybee_hf.convert.cli import main
@@ -307,32 +308,59 @@ def test_hand_made_official_checkpoints_convert_exactly(case, tmp_path, photo):
 
 
 def test_dtype_option_and_streaming_shard_by_shard(tmp_path, monkeypatch):
-    """Each official shard is read once to check it and once to convert it, memory-mapped and weights-only, and
-    output shards are written while later official shards are still unread."""
+    """Each official shard is read twice: to check it (data.pkl, then every record's presence and size, its data
+    skipped) and to convert it (one pass, each tensor built as its storage arrives, never torch.load); output shards
+    are written while later official shards are still unread, and while a storage is read no earlier one is alive
+    (memory holds one official tensor at a time)."""
     make_official_checkpoint(tmp_path / "src", "stream", shards=3)
-    events, real_load, real_save = [], torch.load, writer_module.save_file
+    events, alive = [], []
+    real_check, real_tensors, real_write, real_read = (
+        weight_files.StreamedBin.check,
+        weight_files.StreamedBin.tensors,
+        writer_module.write_at,
+        weight_files._Reader.readinto_exact,
+    )
 
-    def spy_load(path, *args, **kwargs):
-        assert kwargs.get("weights_only") is True and kwargs.get("mmap") is True
-        events.append(("load", os.path.basename(path)))
-        return real_load(path, *args, **kwargs)
+    def spy_tensors(self):
+        events.append(("read", self.name))
+        for item in real_tensors(self):
+            alive.append(weakref.ref(item[1]._base))  # the storage's buffer, which every tensor of it views
+            yield item
+            del item
 
-    def spy_save(tensors, path, metadata=None):
-        events.append(("write", os.path.basename(path)))
-        assert all(t.dtype == torch.float32 for t in tensors.values())
-        return real_save(tensors, path, metadata=metadata)
+    def spy_read(self, view):
+        assert all(ref() is None for ref in alive), "an earlier storage is still in memory"
+        return real_read(self, view)
 
-    monkeypatch.setattr(torch, "load", spy_load)
-    monkeypatch.setattr(writer_module, "save_file", spy_save)
+    def never_load(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+
+    def spy_check(self):
+        events.append(("check", self.name))
+        return real_check(self)
+
+    def spy_write(*args):
+        events.append(("write", None))
+        return real_write(*args)
+
+    monkeypatch.setattr(weight_files.StreamedBin, "check", spy_check)
+    monkeypatch.setattr(weight_files.StreamedBin, "tensors", spy_tensors)
+    monkeypatch.setattr(weight_files._Reader, "readinto_exact", spy_read)
+    monkeypatch.setattr(writer_module, "write_at", spy_write)
+    monkeypatch.setattr(torch, "load", never_load)
     out = unique(tmp_path, "stream")
     convert_official_checkpoint(
         tmp_path / "src" / "stream", out, TOY_SPM, dtype="float32", max_shard_size="40KB", progress=False
     )
-    loads = [name for kind, name in events if kind == "load"]
-    assert sorted(loads) == sorted([f"pytorch_model-{i:05d}-of-00003.bin" for i in (1, 2, 3)] * 2)
-    streaming = events[3:]  # after the three checking reads
-    last_load = max(i for i, (kind, _) in enumerate(streaming) if kind == "load")
-    assert any(kind == "write" for kind, _ in streaming[:last_load]), streaming
+    shards = [f"pytorch_model-{i:05d}-of-00003.bin" for i in (1, 2, 3)]
+    assert [name for kind, name in events if kind == "check"] == shards
+    assert [name for kind, name in events if kind == "read"] == shards
+    assert all(kind == "check" for kind, _ in events[:3])  # the whole folder is checked before anything is written
+    streaming = events[3:]
+    last_read = max(i for i, (kind, _) in enumerate(streaming) if kind == "read")
+    assert any(kind == "write" for kind, _ in streaming[:last_read]), streaming
+    assert len(alive) > 3  # several storages per file, each released before the next was read
+    assert {t.dtype for t in _all_tensors(out).values()} == {torch.float32}
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
 
 
@@ -400,8 +428,8 @@ def _all_tensors(out):
 
 @pytest.mark.parametrize("order", ["config_first_index_last", "shard_before_config"])
 def test_streamed_archive_gives_the_folder_conversion(tmp_path, monkeypatch, order):
-    """An archive is read as a stream, one weight file at a time on disk: its conversion equals the folder's,
-    whatever the member order (a shard that precedes config.json waits on disk for it)."""
+    """An archive is read as a stream: no weight file goes to disk, except one that precedes config.json (it waits
+    there for it); the conversion equals the folder's whatever the member order."""
     make_official_checkpoint(tmp_path / "src", "streamed", fmt="dec2023", shards=3, legacy_pos_emb=True)
     last = tmp_path / "src" / "streamed" / "last"
     shards = [f"pytorch_model-{i:05d}-of-00003.bin" for i in (1, 2, 3)]
@@ -413,33 +441,78 @@ def test_streamed_archive_gives_the_folder_conversion(tmp_path, monkeypatch, ord
     from_folder = unique(tmp_path, "folder")
     convert_official_checkpoint(last, from_folder, TOY_SPM, max_shard_size="60KB", progress=False)
 
-    spooled, real_load = [], archive_module.load_weight_file
+    spooled, streamed, real_spool = [], [], archive_module.ArchiveCheckpoint._spool
+    real_init = weight_files.StreamedBin.__init__
 
-    def spy_load(path):
-        spooled.append(sorted(p.name for p in path.parent.iterdir()))  # what is on disk while a file converts
-        return real_load(path)
+    def spy_spool(self, path, *args):
+        spooled.append(path.name)
+        return real_spool(self, path, *args)
 
-    monkeypatch.setattr(archive_module, "load_weight_file", spy_load)
+    def spy_init(self, stream, name, seekable=False):
+        streamed.append((name, seekable))  # seekable: from a file on disk
+        real_init(self, stream, name, seekable)
+
+    monkeypatch.setattr(archive_module.ArchiveCheckpoint, "_spool", spy_spool)
+    monkeypatch.setattr(weight_files.StreamedBin, "__init__", spy_init)
     work = tmp_path / "work"
     from_archive = unique(tmp_path, "archive")
     convert_official_checkpoint(archive, from_archive, TOY_SPM, max_shard_size="60KB", work_dir=work, progress=False)
-    assert len(spooled) == 3
-    if order == "config_first_index_last":
-        assert all(len(files) == 1 for files in spooled), spooled  # extra disk: one official shard at a time
+    waited = [shards[1]] if order == "shard_before_config" else []
+    assert spooled == waited
+    assert sorted(streamed) == sorted((name, name in waited) for name in shards)
     assert list(work.iterdir()) == []  # nothing spooled is left
     ours, theirs = _all_tensors(from_archive), _all_tensors(from_folder)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert all(ours[k].dtype == theirs[k].dtype for k in ours)
     assert json.loads((from_archive / "config.json").read_text()) == json.loads(
         (from_folder / "config.json").read_text()
     )
 
 
-def _no_space(*args, **kwargs):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), args[1])
+@pytest.mark.parametrize("source", ["folder", "archive"])
+def test_a_bin_the_stream_reader_cannot_read_is_loaded_whole_saying_so(tmp_path, capsys, source):
+    """A legacy (pre-zip) `.bin` cannot be read as a stream: it is loaded whole with torch.load(weights_only=True),
+    from a temporary file when it comes from an archive, and one line on stderr names it; the output is the same."""
+    make_official_checkpoint(tmp_path / "src", "legacy", shards=2)
+    last = tmp_path / "src" / "legacy" / "last"
+    reference = unique(tmp_path, "zip")
+    convert_official_checkpoint(last, reference, TOY_SPM, progress=False)
+    legacy = last / "pytorch_model-00002-of-00002.bin"
+    torch.save(torch.load(legacy, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    src = last if source == "folder" else _archive_in_order(last, tmp_path / "legacy.tar.gz", ["config.json"])
+    work, out = tmp_path / "work", unique(tmp_path, "legacy")
+    capsys.readouterr()
+    convert_official_checkpoint(src, out, TOY_SPM, work_dir=work, progress=False)
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("honeybee-convert: pytorch_model-00002-of-00002.bin: it is not a zip")
+    assert "loading it whole with torch.load" in line and ("temporary file" in line) == (source == "archive")
+    assert list(work.iterdir()) == [] if source == "archive" else not work.exists()
+    for name in sorted(p.name for p in reference.iterdir()):
+        if name != "README.md":  # the model card names the source
+            assert (out / name).read_bytes() == (reference / name).read_bytes(), name
 
 
-def _no_memory(*args, **kwargs):
+def _no_space():
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _no_memory():
     raise MemoryError
+
+
+def _fail_in_the_second_shard(monkeypatch, shards, fail):
+    """`fail()` when a tensor's bytes first go to a second output shard (one tensor at least was written before);
+    `shards` collects the shard files written to."""
+    real_write = writer_module.write_at
+
+    def failing_write(fd, data, offset):
+        if offset > 0 and fd not in shards:  # a tensor (offset 0 is a header)
+            shards.append(fd)
+            if len(shards) == 2:
+                fail()
+        return real_write(fd, data, offset)
+
+    monkeypatch.setattr(writer_module, "write_at", failing_write)
 
 
 @pytest.mark.parametrize("fault", ["disk_full", "out_of_memory", "archive_truncated_after_a_shard"])
@@ -447,19 +520,12 @@ def test_a_run_failing_midway_leaves_no_out_and_says_so_in_one_line(tmp_path, mo
     make_official_checkpoint(tmp_path / "src", "midway", shards=3)
     last = tmp_path / "src" / "midway" / "last"
     archive = _archive_in_order(last, tmp_path / "midway.tar.gz", ["config.json"])
-    calls, real_save = [], writer_module.save_file
+    calls = []
     if fault == "archive_truncated_after_a_shard":
         data = archive.read_bytes()
         archive.write_bytes(data[: len(data) * 2 // 3])
     else:
-
-        def failing_save(*args, **kwargs):  # the second output shard fails
-            calls.append(args[1])
-            if len(calls) == 2:
-                (_no_space if fault == "disk_full" else _no_memory)(*args)
-            return real_save(*args, **kwargs)
-
-        monkeypatch.setattr(writer_module, "save_file", failing_save)
+        _fail_in_the_second_shard(monkeypatch, calls, _no_space if fault == "disk_full" else _no_memory)
     out = tmp_path / "out"
     code = main([str(archive), str(out), "--tokenizer", str(TOY_SPM), "--max-shard-size", "60KB", "--quiet"])
     err = capsys.readouterr().err.strip()
@@ -579,15 +645,12 @@ def test_interrupted_write_leaves_out_untouched(tmp_path, monkeypatch, existing)
     if existing:
         out.mkdir()
         (out / "keep.txt").write_text("previous conversion")
-    calls, real_save = [], writer_module.save_file
+    calls = []
 
-    def interrupted(*args, **kwargs):
-        calls.append(args[1])
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # Ctrl-C while the second shard is written
-        return real_save(*args, **kwargs)
+    def interrupt():
+        raise KeyboardInterrupt  # Ctrl-C while the second shard is written
 
-    monkeypatch.setattr(writer_module, "save_file", interrupted)
+    _fail_in_the_second_shard(monkeypatch, calls, interrupt)
     with pytest.raises(KeyboardInterrupt):
         convert_official_checkpoint(
             tmp_path / "src" / "interrupt", out, TOY_SPM, max_shard_size="60KB", force=True, progress=False
