@@ -118,7 +118,7 @@ def main():
             f"bench_convert_archive: {args.work} has {free / 1e9:.1f} GB free; tar + cp need {2.1 * size / 1e9:.0f} GB"
         )
     tokenizer = stand_in_tokenizer(Path(tempfile.mkdtemp(prefix="tokenizer-", dir=args.work)), OFFICIAL_VOCAB)
-    convert = Path(sys.executable).parent / "honeybee-convert"
+    convert = [sys.executable, "-m", "honeybee_hf.convert"]  # honeybee-convert, from the checkout being measured
     stem = args.archive.name.removesuffix(".tar.gz")
     x, y, out = args.work / "x", args.work / "y", args.work / "out"
     runs = {"tar xzf": [], "cp -r (of the unpacked folder)": [], "honeybee-convert": []}
@@ -133,7 +133,7 @@ def main():
         runs["honeybee-convert"].append(
             measure(
                 [
-                    str(convert),
+                    *convert,
                     str(args.archive),
                     str(out),
                     "--tokenizer",

@@ -4,11 +4,14 @@ config.json, then each weight file (`weight_files.py`) one at a time."""
 
 import contextlib
 import gzip
+import io
 import json
+import queue
 import re
 import shutil
 import tarfile
 import tempfile
+import threading
 import zlib
 from pathlib import Path, PurePosixPath
 
@@ -23,6 +26,8 @@ WEIGHT_FILES = {  # single file, index; in the order transformers 4.38 looked fo
     "safetensors": ("model.safetensors", "model.safetensors.index.json"),
 }
 _COPY_CHUNK = 16 << 20
+_INFLATED_CHUNK = 4 << 20  # small: what waits in memory (up to `depth` chunks) is anonymous memory
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 class _ProgressReader:
@@ -35,6 +40,128 @@ class _ProgressReader:
         data = self.raw.read(size)
         self.bar.update(len(data))
         return data
+
+
+class _TarBytes:
+    """The tar inside an archive, as a file that only goes forward: `read`, `readinto`, `tell` and a `seek` that
+    skips ahead, which is all tarfile's "r:" mode asks once nothing seeks back (tarfile parses the headers; a member's
+    data is read straight from here, `_Member`). A gzip stream (all its members, as `gzip` reads them) is inflated in
+    a thread of its own, a few chunks ahead of the reader: zlib lets go of the GIL while it inflates, so inflating
+    overlaps with parsing and writing, as gzip and tar run side by side in `tar xzf`. At most `depth` chunks of
+    `chunk` bytes wait. A truncated or corrupt stream raises, in the reader, what `gzip` would (EOFError,
+    zlib.error, BadGzipFile). A plain tar is read as it is."""
+
+    def __init__(self, raw, gzipped, chunk, depth=4):
+        self.raw, self.chunk, self.position, self.current = raw, chunk, 0, memoryview(b"")
+        self.ended, self.error, self.thread = False, None, None
+        if gzipped:
+            self.chunks, self.stop = queue.Queue(maxsize=depth), threading.Event()
+            self.thread = threading.Thread(target=self._inflate, daemon=True)
+            self.thread.start()
+
+    def _inflate(self):
+        try:
+            inflater, data = zlib.decompressobj(16 + zlib.MAX_WBITS), b""
+            while not self.stop.is_set():
+                if not data:
+                    data = self.raw.read(self.chunk)
+                    if not data:
+                        if not inflater.eof:
+                            raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+                        break
+                if inflater.eof:  # the next member, after the zero padding gzip allows between members
+                    data = data.lstrip(b"\0")
+                    if not data:
+                        continue
+                    if not data.startswith(GZIP_MAGIC):
+                        raise gzip.BadGzipFile("Not a gzipped file after the first member")
+                    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                out = inflater.decompress(data, self.chunk)  # a chunk at most, however well the input compressed
+                data = inflater.unconsumed_tail or inflater.unused_data
+                if out:
+                    self._put(out)
+            self._put(None)
+        except BaseException as error:  # handed to the reader, which raises it
+            self._put(error)
+
+    def _put(self, item):
+        while not self.stop.is_set():
+            try:
+                self.chunks.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                pass
+
+    def _refill(self):
+        """The next chunk into `current`; False at the end."""
+        if self.thread is None:
+            self.current = memoryview(self.raw.read(self.chunk))
+            return bool(self.current)
+        if not self.ended:
+            item = self.chunks.get()
+            if isinstance(item, BaseException):
+                self.ended, self.error = True, item
+            elif item is None:
+                self.ended = True
+            else:
+                self.current = memoryview(item)
+        if self.error is not None:
+            raise self.error
+        return not self.ended
+
+    def readinto(self, buffer):
+        view, filled = memoryview(buffer).cast("B"), 0
+        while filled < len(view) and (self.current or self._refill()):
+            count = min(len(self.current), len(view) - filled)
+            view[filled : filled + count] = self.current[:count]
+            self.current, filled = self.current[count:], filled + count
+        self.position += filled
+        return filled
+
+    def read(self, size=-1):
+        if size < 0:
+            raise io.UnsupportedOperation("an unbounded read of an archive")
+        buffer = bytearray(size)
+        return bytes(memoryview(buffer)[: self.readinto(buffer)])
+
+    def tell(self):
+        return self.position
+
+    def seek(self, position, whence=io.SEEK_SET):
+        """Skip ahead to `position` (infinity: to the end)."""
+        if whence != io.SEEK_SET or position < self.position:
+            raise io.UnsupportedOperation("the archive is read front to back only")
+        while self.position < position and (self.current or self._refill()):
+            count = min(len(self.current), position - self.position)
+            self.current, self.position = self.current[count:], self.position + count
+        return self.position
+
+    def close(self):
+        if self.thread is not None:
+            self.stop.set()
+            self.thread.join()
+
+
+class _Member:
+    """A member's data, read straight from the archive's `_TarBytes` (no copy through tarfile), its read errors
+    `ArchiveCheckpoint._reading`'s one-line error."""
+
+    def __init__(self, tar_bytes, member, reading):
+        self.tar_bytes, self.reading = tar_bytes, reading
+        with reading():
+            tar_bytes.seek(member.offset_data)
+        self.left = member.size
+
+    def readinto(self, buffer):
+        view = memoryview(buffer).cast("B")[: self.left]
+        with self.reading():
+            count = self.tar_bytes.readinto(view)
+        self.left -= count
+        return count
+
+    def read(self, size=-1):
+        buffer = bytearray(self.left if size < 0 else min(size, self.left))
+        return bytes(memoryview(buffer)[: self.readinto(buffer)])
 
 
 class _Unreadable(ConversionError):
@@ -167,7 +294,7 @@ class ArchiveCheckpoint:
     def __enter__(self):
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.spool = Path(tempfile.mkdtemp(prefix=f".{archive_stem(self.archive)}.unpack-", dir=self.work_dir))
-        self.raw = open(self.archive, "rb")
+        self.raw, self.tar_bytes = open(self.archive, "rb"), None
         self.bar = tqdm(
             total=self.archive.stat().st_size,
             unit="B",
@@ -175,28 +302,50 @@ class ArchiveCheckpoint:
             desc=f"Reading {self.archive.name}",
             disable=not self.progress,
         )
-        with self._reading():
-            self.tar = tarfile.open(fileobj=_ProgressReader(self.raw, self.bar), mode="r|*", bufsize=_COPY_CHUNK)
+        try:
+            magic = self.raw.read(6)
+            self.raw.seek(0)
+            if magic.startswith((b"BZh", b"\xfd7zXZ")):
+                raise ConversionError(
+                    f"{self.archive} is compressed with {'bzip2' if magic.startswith(b'BZh') else 'xz'}; the "
+                    "releases are .tar.gz: unpack it and pass the folder"
+                )
+            compressed, gzipped = _ProgressReader(self.raw, self.bar), magic.startswith(GZIP_MAGIC)
+            self.tar_bytes = _TarBytes(compressed, gzipped, _INFLATED_CHUNK)
+            with self._reading():
+                self.tar = tarfile.open(fileobj=self.tar_bytes, mode="r:")
+        except BaseException:
+            self._close()
+            raise
         self.members = iter(self.tar)
         return self
 
     def __exit__(self, kind, error, traceback):
         try:
             if isinstance(error, ConversionError) and not isinstance(error, _Unreadable):
-                self._check_the_rest()  # a member that escapes or links is the error to report, whatever else is
+                self._check_the_rest()  # a member that escapes or links, or a corrupt archive, is the error to report
         finally:
-            self.bar.close()
-            self.raw.close()
-            shutil.rmtree(self.spool, ignore_errors=True)
+            self._close()
+
+    def _close(self):
+        if self.tar_bytes is not None:
+            self.tar_bytes.close()
+        self.bar.close()
+        self.raw.close()
+        shutil.rmtree(self.spool, ignore_errors=True)
 
     def _check_the_rest(self):
         """Check the members not read yet (their names only), so that a refused member is reported even when the
-        conversion stopped earlier, as it was when archives were unpacked whole first."""
-        try:
-            while self._next_file() is not None:
-                pass
-        except _Unreadable:
+        conversion stopped earlier, as it was when archives were unpacked whole first; and read to the end, so that
+        an archive that is corrupt further on is reported as such, being the likelier cause of what stopped it."""
+        while self._next_file() is not None:
             pass
+        self._read_to_the_end()
+
+    def _read_to_the_end(self):
+        """Read what follows the last member: a gzip stream's checksum, which covers every byte, is checked there."""
+        with self._reading():
+            self.tar_bytes.seek(float("inf"))
 
     @contextlib.contextmanager
     def _reading(self):
@@ -229,9 +378,7 @@ class ArchiveCheckpoint:
             return self.tar.extractfile(member).read()
 
     def _member_stream(self, member):
-        """The member's bytes as a stream whose read errors say the archive is truncated or corrupt."""
-        with self._reading():
-            return _CheckedStream(self.tar.extractfile(member), self._reading)
+        return _Member(self.tar_bytes, member, self._reading)
 
     def _spool(self, path, stream, head=b""):
         """`head` then the rest of `stream`, to a temporary file."""
@@ -311,6 +458,7 @@ class ArchiveCheckpoint:
                 yield from self._from_disk(path, self._spool(path, stream, why.consumed), streamable=False)
             else:
                 yield path.name, weights
+        self._read_to_the_end()
 
     def _from_disk(self, path, spooled, streamable=True):
         """The weight file `path`, spooled to `spooled`, which is deleted once the caller asks for the next file."""
@@ -348,18 +496,3 @@ def open_checkpoint(src, work_dir, progress):
     if not is_archive(src):
         raise ConversionError(f"{src} is neither a folder nor a .tar.gz/.tgz/.tar archive")
     return ArchiveCheckpoint(src, work_dir, progress)
-
-
-class _CheckedStream:
-    """A tar member's stream whose read errors (a truncated or corrupt archive) are `_reading`'s one-line error."""
-
-    def __init__(self, raw, reading):
-        self.raw, self.reading = raw, reading
-
-    def read(self, size=-1):
-        with self.reading():
-            return self.raw.read(size)
-
-    def readinto(self, buffer):
-        with self.reading():
-            return self.raw.readinto(buffer)

@@ -540,6 +540,42 @@ def test_a_run_failing_midway_leaves_no_out_and_says_so_in_one_line(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["midway.tar.gz", "src"]  # no OUT, no partial, no spool
 
 
+@pytest.mark.parametrize("packing", ["plain tar", "two gzip members", "bzip2", "corrupt gzip", "corrupt stored gzip"])
+def test_archive_packings(official_folder, tmp_path, monkeypatch, packing):
+    """A plain .tar, and a .tar.gz of several gzip members (as concatenated or parallel gzip writes it), convert as
+    the release's .tar.gz does; other compressions and corrupt data are refused in one line, and OUT is not written:
+    the archive is read to its end, so gzip's checksum covers every byte (a byte changed in a level-0 gzip, whose
+    stored blocks have no checksum of their own, is caught only there)."""
+    import bz2
+    import gzip
+
+    tar_bytes = gzip.decompress(ARCHIVE.read_bytes())
+    half = len(tar_bytes) // 2
+    data = {
+        "plain tar": tar_bytes,
+        "two gzip members": gzip.compress(tar_bytes[:half]) + b"\0" * 8 + gzip.compress(tar_bytes[half:]),
+        "bzip2": bz2.compress(tar_bytes),
+        "corrupt gzip": bytearray(ARCHIVE.read_bytes()),
+        "corrupt stored gzip": bytearray(gzip.compress(tar_bytes, compresslevel=0)),
+    }[packing]
+    if packing == "corrupt gzip":
+        data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    if packing == "corrupt stored gzip":
+        data[len(data) // 2] ^= 0xFF  # inside the weights
+    archive = tmp_path / "tiny_cabs_m16.tar.gz"
+    archive.write_bytes(bytes(data))
+    out = unique(tmp_path, "packing")
+    monkeypatch.setattr(archive_module, "_INFLATED_CHUNK", 4096)  # gzip's checksum comes after the last member
+    if packing in ("bzip2", "corrupt gzip", "corrupt stored gzip"):
+        message = "compressed with bzip2; the releases are .tar.gz" if packing == "bzip2" else "truncated or corrupt"
+        with pytest.raises(ConversionError, match=message):
+            convert_official_checkpoint(archive, out, TOKENIZER, progress=False)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny_cabs_m16.tar.gz"]
+        return
+    convert_official_checkpoint(archive, out, TOKENIZER, progress=False)
+    assert (out / "model.safetensors").read_bytes() == (official_folder / "model.safetensors").read_bytes()
+
+
 def test_truncated_archive_is_refused(tmp_path):
     data = ARCHIVE.read_bytes()
     archive = tmp_path / "tiny_cabs_m16.tar.gz"
