@@ -3,7 +3,7 @@
     python benchmarks/write_official_archive.py 7B-C-Abs-M144 --out /big/folder            # folder and .tar.gz
     python benchmarks/write_official_archive.py 13B-C-Abs-M256 --out /big/folder --archive-only
     python benchmarks/write_official_archive.py 7B-C-Abs-M144 --out /big --archive-only --text-layers 4 \
-        --max-shard-gb 2      # 2.9 GB in 2 shards: the release's widths and layout, fewer LLM layers
+        --max-shard-gb 2      # 7B-C-Abs-M144-4L.tar.gz: 2.8 GB in 2 shards, the release's widths and layout
 
 What is written is what the release holds (shared/research/honeybee_official.md, "Archive layout"): `<name>/last/`
 with the Dec-2023 `config.json` (`model_type: "mllm"`), `generation_config.json`, and the weights as
@@ -85,6 +85,7 @@ def main():
     args = parser.parse_args()
 
     config = release_config(args.name, args.text_layers)
+    name = args.name if args.text_layers is None else f"{args.name}-{args.text_layers}L"  # never taken for a release
     max_shard_bytes = int(args.max_shard_gb * 1e9)
     shapes = official_shapes(config, OFFICIAL_VOCAB)
     shard_bytes = [sum(2 * math.prod(s) for _, s in shard) for shard in shard_plan(shapes, max_shard_bytes)]
@@ -96,18 +97,16 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(args.out).free
     if free < needed * 1.02:
-        sys.exit(
-            f"write_official_archive: {args.out} has {free / 1e9:.1f} GB free; {args.name} needs {needed / 1e9:.1f} GB"
-        )
-    for path in (args.out / args.name, args.out / f"{args.name}.tar.gz"):
+        sys.exit(f"write_official_archive: {args.out} has {free / 1e9:.1f} GB free; {name} needs {needed / 1e9:.1f} GB")
+    for path in (args.out / name, args.out / f"{name}.tar.gz"):
         if path.exists():
             sys.exit(f"write_official_archive: {path} exists; delete it first")
     parameters = sum(math.prod(s) for _, s in shapes)
-    print(f"{args.name}: {parameters / 1e9:.2f} B parameters, {total / 1e9:.2f} GB bf16 in {len(shard_bytes)} shards")
+    print(f"{name}: {parameters / 1e9:.2f} B parameters, {total / 1e9:.2f} GB bf16 in {len(shard_bytes)} shards")
     started = time.perf_counter()
     written = write_official_checkpoint(
         config,
-        args.name,
+        name,
         args.out,
         OFFICIAL_VOCAB,
         folder=folder,
