@@ -69,6 +69,16 @@ _TYPED_STORAGES = {
 }
 
 
+_DTYPES = {  # looked up by name from a fixed list: a name from the pickle never reaches getattr(torch, ...)
+    name: getattr(torch, name)
+    for name in (
+        "bool uint8 int8 int16 int32 int64 uint16 uint32 uint64 float16 bfloat16 float32 float64 complex64 "
+        "complex128 float8_e4m3fn float8_e5m2 float8_e4m3fnuz float8_e5m2fnuz"
+    ).split()
+    if isinstance(getattr(torch, name, None), torch.dtype)
+}
+
+
 class NotStreamable(Exception):
     """The file does not start as torch.save starts a `.bin`; `consumed` holds the bytes read from the stream."""
 
@@ -169,8 +179,8 @@ class _StateDictUnpickler(pickle.Unpickler):
             return _StorageType(_TYPED_STORAGES[name])
         if qualified in ("torch.UntypedStorage", "torch.storage.UntypedStorage"):
             return _StorageType(torch.uint8)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
+        if module == "torch" and name in _DTYPES:
+            return _DTYPES[name]
         raise _RefusedGlobal(qualified)
 
     def persistent_load(self, pid):
