@@ -5,7 +5,7 @@ checkpoints' weight names (github.com/kakaobrain/honeybee). What differs from th
 - The CLIP vision tower is written here (same math and keys as transformers' `CLIPVisionModel` in 4.x) because
   transformers 5 renamed that module's weights; our checkpoints read the same on every transformers version.
 - The projectors compute token-major (B, N, C): a 1x1 conv is a `F.linear` on the same weight and a channel
-  LayerNorm needs no permute. The numbers match the official NCHW modules (tests/test_projector_parity.py).
+  LayerNorm needs no permute. The numbers match the official NCHW modules (tests/models/test_projector_parity.py).
 - `<image>` is a real token (`config.image_token_id`) expanded by the processor into `num_visual_tokens`
   placeholders, which the model overwrites in place (the official code used id -1).
 - The D-Abstractor runs on any device and dtype; its weights stay fp32 when the model is loaded in half precision.
@@ -41,7 +41,7 @@ from .kernels_common import check_kernel_backend
 from .kernels_msda import msda
 from .transformers_compat import (
     attention_registry_resolves_names,
-    image_features_return_dict_default,
+    image_features_output,
     keep_in_fp32_modules,
     lm_head_tp_plan,
     tied_weights_keys,
@@ -214,15 +214,15 @@ class HoneybeeVisionModel(HoneybeeVisionPreTrainedModel):
         self.vision_model = HoneybeeVisionTransformer(config)
         self.post_init()
 
-    def forward(self, pixel_values, output_attentions=False, num_layers=None, **kwargs):
+    def forward(self, pixel_values, output_attentions=False, **kwargs):
         """(B, 3, S, S) -> `BaseModelOutput`, every tensor (B, 1+N, Cv) with the CLS token first: `hidden_states`
         the embeddings after `pre_layrnorm` then each layer's output, `last_hidden_state` the last of them, and with
         `output_attentions` each layer's (B, nh, 1+N, 1+N) weights (None from attention functions that give none,
-        as sdpa). `num_layers`: run only the first layers, when a hidden state before the last is all one needs."""
+        as sdpa)."""
         tower = self.vision_model
         x = tower.pre_layrnorm(tower.embeddings(pixel_values))  # (B, 1+N, Cv): hidden_states[0]
         hidden_states, attentions = [x], []
-        for layer in tower.encoder.layers[:num_layers]:
+        for layer in tower.encoder.layers:
             x, weights = layer(x)
             hidden_states.append(x)
             attentions.append(weights)
@@ -592,7 +592,8 @@ class HoneybeePreTrainedModel(PreTrainedModel):
     _supports_flash_attn_2 = True  # transformers 4
     _supports_flex_attn = True
     _supports_attention_backend = True
-    # prefill and decode compile with fullgraph=True (tests/test_model_contract.py): generate may compile the decode
+    # prefill and decode compile with fullgraph=True (tests/models/test_model_contract.py): generate may compile the
+    # decode
     _can_compile_fullgraph = True
 
     def _finish_projector_init(self, kernel_backend):
@@ -603,7 +604,9 @@ class HoneybeePreTrainedModel(PreTrainedModel):
         self._no_split_modules = [name for name in type(self)._no_split_modules if name not in absent]
         if projector_type == "d-abs":
             # The official D-Abstractor always ran in fp32: half-precision loads (dtype=...) keep it there. It stays in
-            # `_keep_in_fp32_modules` as well: that list is the only one the quantizers skip (bitsandbytes, torchao).
+            # `_keep_in_fp32_modules` as well, though transformers' common test_keep_in_fp32_modules wants the two lists
+            # disjoint: that list is the only one the quantizers skip (`HfQuantizer.get_modules_to_not_convert` on 5.x,
+            # `preprocess_model` on 4.57), and without it bitsandbytes quantizes the D-Abstractor.
             self._keep_in_fp32_modules_strict = {"abstractor"}
         if kernel_backend is not None:  # from_pretrained(..., kernel_backend=...) arrives here
             self.set_kernel_backend(kernel_backend)
@@ -711,12 +714,14 @@ class HoneybeeModel(HoneybeePreTrainedModel):
     def get_image_features(
         self, pixel_values, return_dict=None, output_hidden_states=None, output_attentions=None, **kwargs
     ):
-        """(num_images, 3, S, S) normalised pixels -> the visual tokens for the LLM, (num_images, M + n_eos, D).
+        """(num_images, 3, S, S) normalised pixels -> the visual tokens for the LLM, (num_images, M + n_eos, D), as
+        LLaVA's on each transformers version (`transformers_compat.image_features_output`).
 
-        With `return_dict=True` (transformers 5's default, as its LLaVA) a `BaseModelOutputWithPooling` as LLaVA's:
-        `pooler_output` the visual tokens, `last_hidden_state` the CLIP tower's last hidden state (num_images, 1+N, Cv),
-        and, when asked, the tower's `hidden_states` (CLS included) and `attentions`. Otherwise the tensor itself
-        (what transformers 4 code expects: one (M + n_eos, D) row block per image).
+        The output is a `BaseModelOutputWithPooling` as LLaVA's: `pooler_output` the visual tokens,
+        `last_hidden_state` the CLIP tower's last hidden state (num_images, 1+N, Cv), and, when asked (or set in the
+        config), the tower's `hidden_states` (CLS included) and `attentions`. Transformers 5 returns it, or its
+        `to_tuple()` with `return_dict=False` (`config.return_dict` when not told); transformers 4 returns the visual
+        tokens themselves unless `return_dict=True`.
         """
         S = self.config.vision_config.image_size
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, S, S):
@@ -724,22 +729,20 @@ class HoneybeeModel(HoneybeePreTrainedModel):
                 f"pixel_values must have shape (num_images, 3, {S}, {S}), got {tuple(pixel_values.shape)}; "
                 f"prepare images with HoneybeeProcessor, which resizes them to {S}x{S}"
             )
-        if return_dict is None:
-            return_dict = image_features_return_dict_default()
-        chosen = self.config.projector_config.feature_layer_index % (self.config.vision_config.num_hidden_layers + 1)
-        # The tower's layers past the chosen one run only when their output is asked for (last_hidden_state).
-        tower = self.vision_tower(
-            pixel_values, output_attentions=bool(output_attentions), num_layers=None if return_dict else chosen
-        )
-        image_features = self.abstractor(tower.hidden_states[chosen][:, 1:])  # (n, N, Cv) -> (n, M + n_eos, D)
-        if not return_dict:
-            return image_features
-        return BaseModelOutputWithPooling(
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        tower = self.vision_tower(pixel_values, output_attentions=output_attentions)
+        layer = self.config.projector_config.feature_layer_index
+        image_features = self.abstractor(tower.hidden_states[layer][:, 1:])  # (n, N, Cv) -> (n, M + n_eos, D)
+        output = BaseModelOutputWithPooling(
             last_hidden_state=tower.last_hidden_state,
             pooler_output=image_features,
             hidden_states=tower.hidden_states if output_hidden_states else None,
             attentions=tower.attentions,
         )
+        return image_features_output(output, return_dict, self.config)
 
     def get_placeholder_mask(self, input_ids, inputs_embeds):
         """(B, L) bool: the `<image>` placeholders, found in `input_ids`, or without them (as LLaVA) as the rows of
@@ -780,7 +783,7 @@ class HoneybeeModel(HoneybeePreTrainedModel):
         # Checks that read tensor values are skipped under torch.compile (no graph break; the processor is trusted).
         checking = not torch.compiler.is_compiling()
         if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values, return_dict=False)  # (n_img, M, D)
+            image_features = self.get_image_features(pixel_values, return_dict=True).pooler_output  # (n_img, M, D)
             slots = self.get_placeholder_mask(input_ids, inputs_embeds)
             if checking:
                 self.check_image_count(int(slots.sum()), pixel_values.shape[0])

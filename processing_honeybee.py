@@ -12,6 +12,7 @@ tokenizer on the rendered text gives the official ids, for this processor, vLLM,
 import base64
 import binascii
 import bisect
+import contextvars
 import json
 import os
 import re
@@ -21,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from transformers import BatchFeature
 from transformers.dynamic_module_utils import custom_object_save
-from transformers.image_utils import load_image
+from transformers.image_utils import ImageInput, load_image
 from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, TextKwargs, Unpack
+from transformers.tokenization_utils_base import TextInput
 
 from .transformers_compat import (
     image_processor_file,
@@ -106,6 +108,9 @@ _TEMPLATE_CONSTANTS = {
 }
 CHAT_TEMPLATE = re.sub("|".join(_TEMPLATE_CONSTANTS), lambda m: _TEMPLATE_CONSTANTS[m.group()], _TEMPLATE)
 
+# True while `apply_chat_template` runs: the texts it hands to `__call__` are finished prompts, whatever the template.
+_RENDERED = contextvars.ContextVar("honeybee_rendered_prompt", default=False)
+
 # http(s) images are fetched by transformers' `load_image` (as its pipelines do); a server that does not answer
 # must not hang a training run.
 IMAGE_URL_TIMEOUT = 30.0
@@ -133,15 +138,21 @@ def describe_image(image):
 
 
 def _open_image(image):
-    """The input as a PIL image (possibly not decoded yet)."""
+    """The input as a PIL image, possibly not decoded yet (PIL decodes lazily).
+
+    transformers' `load_image` opens str paths, http(s) URLs, data URLs and base64 itself, but converts to RGB at
+    once, which clips 16-bit images at 255 and hides 32-bit ones (see `_eight_bit`); and it takes no `Path`, bytes
+    or arrays. So only URLs are its job here (its HTTP client, as its pipelines fetch); everything else is opened
+    here, unconverted. Base64 is decoded strictly: `load_image`'s lenient decoder skips stray characters, and a
+    payload that is not base64 would reach PIL and fail as "not an image".
+    """
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, str) and image.startswith(("http://", "https://")):
+        return load_image(image, timeout=IMAGE_URL_TIMEOUT)
     if isinstance(image, (str, os.PathLike)) and os.path.isfile(image):
         return Image.open(image)
-    if isinstance(image, str) and image.startswith(("http://", "https://")):
-        # The library's loader: it fetches with the HTTP client of this transformers version.
-        return load_image(image, timeout=IMAGE_URL_TIMEOUT)
     if isinstance(image, str) and (image.startswith("data:") or _BASE64.fullmatch(image)):
-        # Decoded here rather than by `load_image`, which converts to RGB (16-bit images would clip at 255) and
-        # repeats the whole payload in its error message.
         payload = image.split(",", 1)[1] if image.startswith("data:") else image
         return Image.open(BytesIO(base64.b64decode("".join(payload.split()), validate=True)))
     if isinstance(image, (str, os.PathLike)):
@@ -156,16 +167,30 @@ def _open_image(image):
                 "pass a PIL image for anything else"
             )
         return Image.fromarray(array)
-    if isinstance(image, Image.Image):
-        return image
     raise TypeError(
         "expected a PIL image, a path, bytes or a uint8 array (or an http(s) URL, a data URL or base64), got "
         f"{type(image).__name__}"
     )
 
 
+def _eight_bit(image):
+    """A decoded PIL image with 8-bit channels. PIL's convert("RGB") clips 16-bit values at 255: they are scaled to
+    8 bits instead; 32-bit integer or float pixels have no standard 8-bit meaning and are refused."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        eight_bit = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
+        eight_bit.info = image.info  # keeps the EXIF orientation for `load_image`
+        return eight_bit
+    if image.mode in ("I", "F"):
+        raise ValueError(
+            f"image mode {image.mode!r} (32-bit integer or float pixels) has no standard 8-bit meaning; convert it "
+            "to an 8-bit RGB image yourself"
+        )
+    return image
+
+
 def load_rgb_image(image, where="image"):
-    """Any image input -> an 8-bit RGB PIL image, upright (EXIF orientation applied, as transformers' `load_image`).
+    """Any image input -> an 8-bit RGB PIL image, upright: transformers' `load_image` applies the EXIF orientation
+    and converts to RGB as the official pipeline (alpha dropped, grayscale/CMYK/palette made RGB).
 
     Inputs: a PIL image, a path, bytes, an http(s) URL, a `data:image/...;base64,` URL, raw base64, or a uint8
     array (H, W, 3). Anything unreadable raises `ValueError` naming `where` (e.g. "image 2 of 3") and the input.
@@ -175,7 +200,7 @@ def load_rgb_image(image, where="image"):
     try:
         pil = _open_image(image)
         pil.load()  # PIL decodes lazily: truncated or corrupt data fails here, not later inside the resize
-        pil = ImageOps.exif_transpose(pil)
+        return load_image(_eight_bit(pil))
     except FileNotFoundError as error:
         raise ValueError(f"{where}: image file {name} does not exist") from error
     except Image.DecompressionBombError as error:
@@ -187,16 +212,6 @@ def load_rgb_image(image, where="image"):
     except Exception as error:  # PIL's decoding errors; requests' (4.x) or httpx's (5.x) network errors
         hint = "check the URL and that it serves an image" if is_url else "is it a valid JPEG/PNG/WebP file?"
         raise ValueError(f"cannot read {where} ({name}): {str(error)[:200]}; {hint}") from error
-    if pil.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
-        # PIL's convert("RGB") clips 16-bit values at 255; scale to 8 bits instead.
-        pil = Image.fromarray((np.asarray(pil, dtype=np.uint16) >> 8).astype(np.uint8))
-    elif pil.mode in ("I", "F"):
-        raise ValueError(
-            f"{where} ({name}): image mode {pil.mode!r} (32-bit integer or float pixels) has no standard 8-bit "
-            "meaning; convert it to an 8-bit RGB image yourself"
-        )
-    # As the official pipeline: alpha is dropped, grayscale/CMYK/palette images become RGB.
-    return pil.convert("RGB")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,10 +258,11 @@ _UNSUPPORTED_TEXT_OPTIONS = (
 class HoneybeeProcessor(ProcessorMixin):
     r"""Turns images and prompts into `input_ids`, `attention_mask` and `pixel_values` for Honeybee.
 
-    A text is one of: a prompt rendered by `apply_chat_template` (it starts with `<s>`), which goes to the tokenizer
-    as it is; a prompt in the official format (it contains `<image>` or "\nHuman: ", as the official code takes it),
-    which gets each piece's dummy-prefix space and each answer's `</s>` written in first; or a bare question, which
-    the chat template renders as one user turn with one `<image>` per image of its sample and the generation prompt.
+    A text is one of: a prompt rendered by a chat template (whatever `apply_chat_template` renders, or a text that
+    starts with `<s>`), which goes to the tokenizer as it is; a prompt in the official format (it contains `<image>`
+    or "\nHuman: ", as the official code takes it), which gets each piece's dummy-prefix space and each answer's
+    `</s>` written in first; or a bare question, which the chat template renders as one user turn with one `<image>`
+    per image of its sample and the generation prompt.
     Without `return_labels` an official prompt's final answer is left open for generation (its `</s>` is not added),
     as the official inference does. Batches are padded on the tokenizer's side (left, for generation).
 
@@ -307,7 +323,8 @@ class HoneybeeProcessor(ProcessorMixin):
     # text
 
     def _is_bare_question(self, text):
-        return not (self.image_token in text or HUMAN in text or AI in text)
+        """A hand-written text without `<image>` or role markers; nothing `apply_chat_template` renders is one."""
+        return not (_RENDERED.get() or self.image_token in text or HUMAN in text or AI in text)
 
     def _tokenizer_text(self, text, num_images, close_answers):
         """A text of any of the three kinds -> (the tokenizer-ready prompt, the (start, end) of each answer in it)."""
@@ -316,7 +333,7 @@ class HoneybeeProcessor(ProcessorMixin):
             content = [{"type": "image"}] * num_images + ([{"type": "text", "text": text}] if text else [])
             rendered = self.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
             return rendered[len(bos) :] if bos and rendered.startswith(bos) else rendered, []
-        if bos and text.startswith(bos):  # rendered by the chat template: answers end with `</s>` (or the text)
+        if _RENDERED.get() or (bos and text.startswith(bos)):  # rendered: answers end with `</s>` (or the text)
             spans, done = [], 0
             ends = [(m.end(), True) for m in re.finditer(re.escape(eos), text)] + [(len(text), False)]
             for end, closed in ends:
@@ -355,7 +372,6 @@ class HoneybeeProcessor(ProcessorMixin):
         images_per_text,
         add_special_tokens=True,
         truncation=None,
-        max_length=None,
         return_attention_mask=None,
         return_offsets_mapping=False,
         return_length=False,
@@ -365,28 +381,17 @@ class HoneybeeProcessor(ProcessorMixin):
         return_token_type_ids=None,  # never returned: transformers 4's generate rejects them
         **tokenizer_options,
     ):
-        """Tokenizer-ready prompts, `<image>` expanded, through the tokenizer; then labels, offsets and the image
+        """Tokenizer-ready prompts, `<image>` expanded, through the tokenizer; then the labels, offsets and image
         replacements the options ask for. Offsets index each text as given (`<image>` unexpanded), or with
         `return_text_replacement_offsets` the text with every `<image>` expanded (transformers 5 shifts the assistant
         spans by the replacements)."""
         refused = [k for k, v in tokenizer_options.items() if k in _UNSUPPORTED_TEXT_OPTIONS and v]
         if refused:
             raise ValueError(f"HoneybeeProcessor does not support {', '.join(refused)}; tokenize such text yourself")
-        tok, image, replacement = self.tokenizer, self.image_token, self.replace_image_token()
-        prompts = [self._tokenizer_text(t, n, return_labels) for t, n in zip(texts, images_per_text)]
-        # The tokenizer adds `<s>` as text here, never a second one after the chat template's.
-        bos = tok.bos_token if add_special_tokens is not False and tok.bos_token_id is not None else ""
-        prefixes = ["" if text.startswith(bos) else bos for text, _ in prompts]
-        encoded = tok(
-            [prefix + text.replace(image, replacement) for prefix, (text, _) in zip(prefixes, prompts)],
-            add_special_tokens=False,
-            truncation=truncation,
-            max_length=max_length,
-            return_offsets_mapping=True,
-            return_attention_mask=True,
-            return_token_type_ids=False,
-            **tokenizer_options,
-        )
+        prompts, answers = zip(*(self._tokenizer_text(t, n, return_labels) for t, n in zip(texts, images_per_text)))
+        encoded, offsets = self._tokenize(prompts, add_special_tokens, truncation=truncation, **tokenizer_options)
+        if truncation not in (None, False, "do_not_truncate"):
+            self._check_placeholders_kept(encoded["input_ids"], prompts, tokenizer_options.get("max_length"))
         features = {"input_ids": encoded["input_ids"]}
         if return_attention_mask is not False:
             features["attention_mask"] = encoded["attention_mask"]
@@ -396,48 +401,79 @@ class HoneybeeProcessor(ProcessorMixin):
             features["mm_token_type_ids"] = [
                 [int(i == self.image_token_id) for i in ids] for ids in encoded["input_ids"]
             ]
-        labels, offsets, replacements = [], [], []
-        for ids, token_offsets, prefix, (text, answers) in zip(
-            encoded["input_ids"], encoded["offset_mapping"], prefixes, prompts
-        ):
-            if truncation not in (None, False, "do_not_truncate") and ids.count(self.image_token_id) < (
-                text.count(image) * self.num_visual_tokens
-            ):
-                raise ValueError(
-                    f"max_length={max_length or tok.model_max_length} would cut an image's {self.num_visual_tokens} "
-                    "placeholder tokens out of the prompt; raise max_length or shorten the text"
-                )
-            images = [m.start() for m in re.finditer(re.escape(image), text)]
-            gain = len(replacement) - len(image)
-            replacements.append(
-                [
-                    {
-                        "type": "image",
-                        "span": (p, p + len(image)),
-                        "new_span": (p + k * gain, p + k * gain + len(replacement)),
-                        "text": image,
-                        "replacement": replacement,
-                    }
-                    for k, p in enumerate(images)
-                ]
-            )
-            shifted = [(max(s - len(prefix), 0), max(e - len(prefix), 0)) for s, e in token_offsets]
-            if return_labels:
-                wide = [(_expanded(s, images, gain), _expanded(e, images, gain)) for s, e in answers]
-                labels.append(
-                    [
-                        i if any(s < end and e > start for start, end in wide) else -100
-                        for i, (s, e) in zip(ids, shifted)
-                    ]
-                )
-            if not return_text_replacement_offsets:
-                shifted = [_unexpanded(o, images, len(image), len(replacement)) for o in shifted]
-            offsets.append(shifted)
+        images = [[m.start() for m in re.finditer(re.escape(self.image_token), prompt)] for prompt in prompts]
         if return_labels:
-            features["labels"] = labels
+            features["labels"] = [
+                self._labels(*row) for row in zip(encoded["input_ids"], offsets, answers, images, strict=True)
+            ]
         if return_offsets_mapping:
-            features["offset_mapping"] = offsets
+            features["offset_mapping"] = (
+                offsets
+                if return_text_replacement_offsets
+                else [self._offsets_as_given(*row) for row in zip(offsets, images)]
+            )
+        replacements = [self._image_replacements(positions) for positions in images]
         return features, (replacements if return_text_replacement_offsets else None)
+
+    def _tokenize(self, prompts, add_special_tokens, **tokenizer_options):
+        """The tokenizer on the prompts, each `<image>` expanded into its placeholders; and each token's (start, end)
+        in the expanded prompt. The tokenizer adds `<s>` as text, never a second one after the chat template's."""
+        tok = self.tokenizer
+        bos = tok.bos_token if add_special_tokens is not False and tok.bos_token_id is not None else ""
+        prefixes = ["" if prompt.startswith(bos) else bos for prompt in prompts]
+        encoded = tok(
+            [
+                prefix + prompt.replace(self.image_token, self.replace_image_token())
+                for prefix, prompt in zip(prefixes, prompts)
+            ],
+            add_special_tokens=False,
+            return_offsets_mapping=True,
+            return_attention_mask=True,
+            return_token_type_ids=False,
+            **tokenizer_options,
+        )
+        offsets = [
+            [(max(start - len(prefix), 0), max(end - len(prefix), 0)) for start, end in row]
+            for prefix, row in zip(prefixes, encoded["offset_mapping"])
+        ]
+        return encoded, offsets
+
+    def _check_placeholders_kept(self, input_ids, prompts, max_length):
+        """Truncation may cut text, never an image's placeholders (the model would get fewer than its features)."""
+        for ids, prompt in zip(input_ids, prompts):
+            if ids.count(self.image_token_id) < prompt.count(self.image_token) * self.num_visual_tokens:
+                raise ValueError(
+                    f"max_length={max_length or self.tokenizer.model_max_length} would cut an image's "
+                    f"{self.num_visual_tokens} placeholder tokens out of the prompt; raise max_length or shorten the "
+                    "text"
+                )
+
+    def _labels(self, ids, offsets, answers, images):
+        """The official training labels: each token of an answer (`answers`: (start, end) in the prompt, whose
+        `<image>`s start at `images`) keeps its id, every other token is -100."""
+        gain = len(self.replace_image_token()) - len(self.image_token)
+        answers = [(_expanded(start, images, gain), _expanded(end, images, gain)) for start, end in answers]
+        return [i if any(s < end and e > start for start, end in answers) else -100 for i, (s, e) in zip(ids, offsets)]
+
+    def _offsets_as_given(self, offsets, images):
+        """Token offsets in the expanded prompt -> in the prompt as given (whose `<image>`s start at `images`)."""
+        width = len(self.replace_image_token())
+        return [_unexpanded(pair, images, len(self.image_token), width) for pair in offsets]
+
+    def _image_replacements(self, images):
+        """transformers 5's `text_replacement_offsets` of one prompt whose `<image>`s start at `images`."""
+        image, replacement = self.image_token, self.replace_image_token()
+        gain = len(replacement) - len(image)
+        return [
+            {
+                "type": "image",
+                "span": (p, p + len(image)),
+                "new_span": (p + k * gain, p + k * gain + len(replacement)),
+                "text": image,
+                "replacement": replacement,
+            }
+            for k, p in enumerate(images)
+        ]
 
     def encode_prompt(self, prompt, add_bos=True):
         """Token ids of one prompt and, for each id, 1 where the official training loss applies (answers + `</s>`)."""
@@ -480,7 +516,24 @@ class HoneybeeProcessor(ProcessorMixin):
         it = iter(images)
         return [[next(it) for _ in range(n)] for n in counts]
 
-    def __call__(self, images=None, text=None, audio=None, videos=None, **kwargs: Unpack[HoneybeeProcessorKwargs]):
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        """The library's, with each prompt it renders tokenized as it is, whatever the template (the processor's own or
+        `chat_template`): the official-format and bare-question readings of `__call__` are for texts written by hand.
+        """
+        rendered = _RENDERED.set(True)
+        try:
+            return super().apply_chat_template(conversation, chat_template, **kwargs)
+        finally:
+            _RENDERED.reset(rendered)
+
+    def __call__(
+        self,
+        images: ImageInput | None = None,
+        text: TextInput | list[TextInput] | None = None,
+        audio=None,
+        videos=None,
+        **kwargs: Unpack[HoneybeeProcessorKwargs],
+    ) -> BatchFeature:
         """`text`: a prompt or a list of prompts (see the class docstring); `images`: an image, a list, or one list
         per prompt."""
         if images is None and text is None:
@@ -535,7 +588,14 @@ class HoneybeeProcessor(ProcessorMixin):
         as both versions' loaders read them: the default one in chat_template.jinja, the others in
         additional_chat_templates/. `push_to_hub=True` then uploads them as the library does (`repo_id`, `token`,
         `commit_message`, ... in `kwargs`).
+
+        Not `ProcessorMixin.save_pretrained`: on 5.x it writes `tokenizer_class: TokenizersBackend` and nests the image
+        processor (as `CLIPImageProcessorPil`) in processor_config.json, and 4.57 loads neither.
         """
+        templates = self.chat_template if isinstance(self.chat_template, dict) else {"default": self.chat_template}
+        for key in templates:  # each name becomes a file name: it must not lead out of the folder (as the library)
+            if not key or key in (".", "..") or Path(key).name != key or "\\" in key:
+                raise ValueError(f"invalid chat template name {key!r}: use a plain file name (no path)")
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         if self._auto_class is not None:  # loaded as remote code: the folder gets processing_honeybee.py too
@@ -548,7 +608,6 @@ class HoneybeeProcessor(ProcessorMixin):
             "num_eos_tokens": self.num_eos_tokens,
             "image_token": self.image_token,
         }
-        templates = self.chat_template if isinstance(self.chat_template, dict) else {"default": self.chat_template}
         files = {
             "processor_config.json": json.dumps(processor_config, indent=2, sort_keys=True) + "\n",
             "preprocessor_config.json": image_processor_file(self.image_processor, name),
@@ -564,12 +623,6 @@ class HoneybeeProcessor(ProcessorMixin):
         if push_to_hub:  # the library's upload, which saves again (through this method) into a fresh folder
             self.push_to_hub(kwargs.pop("repo_id", folder.name), **kwargs)
         return [str(folder / file_name) for file_name in files]
-
-    def batch_decode(self, *args, **kwargs):
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args, **kwargs):
-        return self.tokenizer.decode(*args, **kwargs)
 
 
 for _name, _value in processor_class_attributes().items():

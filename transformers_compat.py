@@ -46,10 +46,13 @@ def lm_head_tp_plan():
     return {"lm_head": "colwise_rep" if TRANSFORMERS_MAJOR < 5 else "colwise_gather_output"}
 
 
-def image_features_return_dict_default():
-    """What `get_image_features` returns when not told: 4.57's LLaVA returns the projected features (a tensor),
-    5.x's a `BaseModelOutputWithPooling` (callers there read `.pooler_output`)."""
-    return TRANSFORMERS_MAJOR >= 5
+def image_features_output(output, return_dict, config):
+    """What `get_image_features` returns, as each version's LLaVA: 5.x's returns the `BaseModelOutputWithPooling`,
+    or its `to_tuple()` when `return_dict` is False (`config.return_dict` when not told: `can_return_tuple`); 4.57's
+    returns the projected features (the `pooler_output` tensor), so only `return_dict=True` gets the object here."""
+    if TRANSFORMERS_MAJOR < 5:
+        return output if return_dict else output.pooler_output
+    return output if (config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from pathlib import Path
 import _common as C
 
 sys.path.insert(0, str(C.REPO / "tests"))
-from official_format import stand_in_tokenizer  # noqa: E402
+from utils.official_format import stand_in_tokenizer  # noqa: E402
 
 OFFICIAL_VOCAB = 32000
 

@@ -108,8 +108,9 @@ def text_config(size, num_hidden_layers=None):
     )
 
 
-def build_models(size, device, dtype):
-    """Every model of MODELS plus the bare Llama they share; built on `device` in `dtype`, random weights."""
+def build_models(size, device, dtype, names=tuple(MODELS)):
+    """The models `names` (keys of MODELS) plus the bare Llama they share; built on `device` in `dtype`, random
+    weights."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     models = {}
@@ -118,7 +119,7 @@ def build_models(size, device, dtype):
             # Both models have LLaVA's layout (`model.language_model` + `lm_head`): each is built with a 1-layer
             # Llama that is then replaced by this shared one.
             shared = LlamaForCausalLM(text_config(size))
-            for name in MODELS:
+            for name in names:
                 kind, image_size, projector, _ = MODELS[name]
                 if kind == "honeybee":
                     projector_config = dict(
@@ -156,7 +157,7 @@ def build_models(size, device, dtype):
                 gc.collect()
     finally:
         torch.set_default_dtype(previous)
-    return {name: models[name] for name in MODELS}, shared.eval()
+    return models, shared.eval()
 
 
 def prefill_flops(size, dtype, batches, prompts):

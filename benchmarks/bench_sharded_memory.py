@@ -1,10 +1,10 @@
 """Memory per rank under DDP, FSDP2 and DeepSpeed ZeRO-3: `honeybee-finetune --stage full`, 2 processes on CPU (gloo).
 
 A Honeybee whose language model is widened to ~26M parameters (enough that sharding shows) trains one step under each
-engine (the shipped configs; tests/finetune_worker.py --memory). Each rank reports the bytes of parameters it holds
-(FSDP2: its DTensor shards; ZeRO-3: its partitions), of optimizer state (Adam moments) and its peak resident memory.
-Sharded engines should hold about half of the full parameter bytes per rank with 2 ranks. One run per engine (bytes
-held are deterministic; the peak RSS also counts Python, torch and the launcher's imports).
+engine (the shipped configs; tests/training/finetune_worker.py --memory). Each rank reports the bytes of parameters it
+holds (FSDP2: its DTensor shards; ZeRO-3: its partitions), of optimizer state (Adam moments) and its peak resident
+memory. Sharded engines should hold about half of the full parameter bytes per rank with 2 ranks. One run per engine
+(bytes held are deterministic; the peak RSS also counts Python, torch and the launcher's imports).
 
     python benchmarks/bench_sharded_memory.py
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from finetune_helpers import ANSWERS, clean_env, image_sample, small_photos, venv_bin, write_jsonl  # noqa: E402
+from utils.finetune import ANSWERS, clean_env, image_sample, small_photos, venv_bin, write_jsonl  # noqa: E402
 
 WIDE_TEXT = {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8, "num_attention_heads": 8}
 ENGINES = {
@@ -30,8 +30,8 @@ ENGINES = {
 
 
 def make_wide_base(folder):
-    from honeybee_hf.export.hub import save_hub_folder
-    from honeybee_hf.export.tiny import tiny_config, tiny_model, tiny_processor
+    from honeybee_hf.hub.folder import save_hub_folder
+    from honeybee_hf.testing_utils import tiny_config, tiny_model, tiny_processor
 
     config = tiny_config("c-abs", text=WIDE_TEXT)
     model = tiny_model(config, seed=0)
@@ -58,7 +58,7 @@ def main():
             args = ["--model", tmp / "wide_base", "--data", data, "--output_dir", tmp / engine, "--stage", "full",
                     "--max_steps", 1, "--per_device_train_batch_size", 1, "--save_strategy", "no",
                     "--memory", tmp / f"mem_{engine}"]  # fmt: skip
-            command = [*launcher(spec), str(REPO / "tests" / "finetune_worker.py"), *map(str, args)]
+            command = [*launcher(spec), str(REPO / "tests" / "training" / "finetune_worker.py"), *map(str, args)]
             result = subprocess.run(command, capture_output=True, text=True, env=clean_env())
             if result.returncode != 0:
                 rows.append((engine, "failed: " + result.stderr.strip().splitlines()[-1][:120]))

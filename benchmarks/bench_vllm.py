@@ -16,9 +16,11 @@ classes when its engine loads them, after which they no longer run on their own 
 """
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
@@ -66,6 +68,7 @@ def run_transformers(folder, requests, max_tokens, batch_size, dtype, device):
 def run_vllm(folder, requests, max_tokens, dtype, tensor_parallel_size):
     from vllm import LLM, SamplingParams
 
+    start = time.perf_counter()
     llm = LLM(
         model=str(folder),
         trust_remote_code=True,
@@ -75,6 +78,7 @@ def run_vllm(folder, requests, max_tokens, dtype, tensor_parallel_size):
         tensor_parallel_size=tensor_parallel_size,
         seed=0,
     )
+    engine_start = time.perf_counter() - start
     prompts = [{"prompt": question, "multi_modal_data": {"image": image}} for question, image in requests]
     processor = HoneybeeProcessor.from_pretrained(folder)
     # The official prompt (vLLM would tokenize a bare question as it is): rendered by the processor's chat template.
@@ -87,11 +91,12 @@ def run_vllm(folder, requests, max_tokens, dtype, tensor_parallel_size):
     def serve():
         return sum(len(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False))
 
-    return serve
+    return serve, engine_start
 
 
-def measure(serve, repeats, device):
-    serve()  # warm-up: first-call allocations, kernel selection, vLLM's lazy start-up work
+def measure(serve, repeats, warmup, device):
+    for _ in range(warmup):  # first-call allocations, kernel selection, vLLM's lazy start-up work
+        serve()
     runs, tokens = [], None
     for _ in range(repeats):
         seconds, tokens = C.timed(serve, device)
@@ -100,7 +105,7 @@ def measure(serve, repeats, device):
 
 
 def tiny_folder(directory):
-    from honeybee_hf.export.tiny import VLLM_TEXT, save_tiny_hub_folder
+    from honeybee_hf.testing_utils import VLLM_TEXT, save_tiny_hub_folder
 
     folder = Path(directory) / "hb_bench_vllm_tiny"
     save_tiny_hub_folder(folder, "c-abs", seed=0, text=VLLM_TEXT)
@@ -114,6 +119,7 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=32, help="generated tokens per request")
     parser.add_argument("--batch-size", type=int, default=8, help="transformers' generate batch size")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per engine first")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs for vLLM")
     parser.add_argument(
@@ -130,12 +136,13 @@ def main():
             "transformers generate": measure(
                 run_transformers(folder, requests, args.max_tokens, args.batch_size, dtype, device),
                 args.repeats,
+                args.warmup,
                 device,
             )
         }
-        results["vLLM"] = measure(
-            run_vllm(folder, requests, args.max_tokens, dtype, args.tensor_parallel_size), args.repeats, device
-        )
+        gc.collect()  # the transformers model is gone before vLLM loads its own copy (a 7B twice is 28 GB)
+        serve, engine_start = run_vllm(folder, requests, args.max_tokens, dtype, args.tensor_parallel_size)
+        results["vLLM"] = measure(serve, args.repeats, args.warmup, device)
     baseline = C.median(results["transformers generate"][0])
     rows = []
     for name, (runs, tokens) in results.items():
@@ -158,7 +165,9 @@ def main():
         f"model: {model_name}; {args.requests} requests (one photo + a question each), {args.max_tokens} greedy tokens "
         f"each (EOS ignored); transformers in batches of {args.batch_size}; vLLM {vllm.__version__}, "
         f"Transformers backend, tensor_parallel_size {args.tensor_parallel_size}",
-        f"median of {args.repeats} timed runs after one warm-up; transformers first, then vLLM (see the docstring); "
+        f"vLLM engine start (`LLM(...)`: load, profile, KV cache): {engine_start:.0f} s",
+        f"median of {args.repeats} timed runs after {args.warmup} warm-up; transformers first, then vLLM (see the "
+        "docstring); "
         "speed-up = transformers' time / this engine's time, same run",
     ]
     lines = C.header("vLLM vs transformers generate", device, dtype, C.command_line(), extra)

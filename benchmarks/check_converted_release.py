@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from official_format import draw, official_shapes  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 from write_official_archive import OFFICIAL_VOCAB, release_config  # noqa: E402
 
 from honeybee_hf.convert.official import map_official_state_dict  # noqa: E402
+from utils.official_format import draw, official_shapes  # noqa: E402
 
 
 def main():

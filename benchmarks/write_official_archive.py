@@ -29,9 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from official_format import MAX_SHARD_BYTES, official_shapes, shard_plan, write_official_checkpoint  # noqa: E402
-
 from honeybee_hf.configuration_honeybee import HoneybeeConfig  # noqa: E402
+from utils.official_format import MAX_SHARD_BYTES, official_shapes, shard_plan, write_official_checkpoint  # noqa: E402
 
 VICUNA_13B = dict(
     hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40

@@ -21,11 +21,11 @@ What happens, in order; every check runs before OUT is touched:
    written to its place as it arrives, so memory holds one official tensor at a time (and, for the embedding, the
    `<image>` row). Nothing is spooled to disk, except weight files that come before config.json in an archive or
    that the stream reader cannot read (`weight_files.py` says which), one at a time, next to OUT (`work_dir`).
-6. config, generation config, processor and tokenizer files, code and model card are added (`hub.py`), in a
+6. config, generation config, processor and tokenizer files, code and model card are added (`hub/folder.py`), in a
    staging folder that replaces OUT only at the end: a failed or interrupted run leaves OUT as it was.
 
 A folder saved by this package (`model_type: "honeybee"`, e.g. after fine-tuning) is exported the same way
-(`export/trained.py`): loaded, then written with `hub.save_hub_folder`.
+(`export/trained.py`): loaded, then written with `hub.folder.save_hub_folder`.
 """
 
 import json
@@ -36,8 +36,8 @@ import torch
 from tqdm import tqdm
 
 from ..configuration_honeybee import HoneybeeConfig
-from ..export.hub import refuse_existing, staging_folder, write_support_files
-from ..export.model_card import render_model_card
+from ..hub.folder import refuse_existing, staging_folder, write_support_files
+from ..hub.model_card import render_model_card
 from . import ConversionError
 from .archive import open_checkpoint
 from .official import (

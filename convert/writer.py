@@ -27,7 +27,8 @@ def parse_size(size):
 
 # safetensors' name of each dtype, and the order in which its `save_file` lays out a file: by dtype, in the reverse
 # of its `Dtype` enum (safetensors/src/tensor.rs), then by name. Following that order makes a shard byte for byte
-# what `save_file` writes for the same tensors (tests/test_convert.py checks it against the installed safetensors).
+# what `save_file` writes for the same tensors (tests/convert/test_weight_files.py checks it against the installed
+# safetensors).
 SAFETENSORS_DTYPES = {
     torch.bool: "BOOL",
     torch.uint8: "U8",

