@@ -242,7 +242,7 @@ class HoneybeeVisionModel(HoneybeeVisionPreTrainedModel):
 # must belong to the module that calls the op. accelerate's offload hooks bring a module's own weights to the device
 # only while that module's forward runs, so a parent reading its children's weights sees meta tensors. The first fused
 # op applies conv1's norm (LN1 + SiLU) inside the depthwise-conv kernel, so that norm lives in `conv2` as `in_norm_*`,
-# and each block owns its conv and norm weights directly; export/official.py renames the official keys to these.
+# and each block owns its conv and norm weights directly; convert/official.py renames the official keys to these.
 _CHANNEL_NORM_EPS = 1e-5  # timm's `LayerNormAct2d`
 
 

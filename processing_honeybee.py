@@ -5,7 +5,7 @@ placeholder tokens and assembles the pixels, the tokenizer tokenizes, pads and t
 The official code tokenizes a prompt in pieces, split at `<image>`, "\nHuman: " and "\nAI: ", each piece with
 sentencepiece's dummy prefix, and ends every answer with `</s>`. The text the chat template renders carries that
 itself: a space where each piece's dummy prefix goes (none after a special token, where the tokenizer adds it) and
-the `</s>`s; the tokenizer's front end (export/tokenizer.py) keeps each role marker a piece of its own. So the plain
+the `</s>`s; the tokenizer's front end (convert/tokenizer.py) keeps each role marker a piece of its own. So the plain
 tokenizer on the rendered text gives the official ids, for this processor, vLLM, TRL and any chat client alike.
 """
 

@@ -10,8 +10,8 @@ import torch
 from transformers import AutoTokenizer
 
 from .configuration_honeybee import HoneybeeConfig
-from .export.official import official_image_processor
-from .export.tokenizer import load_backend, save_tokenizer_files
+from .convert.official import official_image_processor
+from .convert.tokenizer import load_backend, save_tokenizer_files
 from .hub.folder import save_hub_folder
 from .modeling_honeybee import HoneybeeForConditionalGeneration
 from .processing_honeybee import HoneybeeProcessor

@@ -4,12 +4,14 @@ a plain `tar xzf` + `cp` of the same archive.
     python benchmarks/bench_convert_archive.py /big/7B-C-Abs-M144.tar.gz --work /big/bench --repeats 3
 
 Each repeat runs, in this order, each as a subprocess: `tar xzf ARCHIVE` (into WORK/x), `cp -r` of what it
-unpacked (into WORK/y), then `honeybee-convert ARCHIVE WORK/out --work-dir WORK` (with a stand-in 32000-token
-tokenizer: Vicuna's is not downloadable here); what each wrote is deleted before the next. While one runs, a sampler
+unpacked (into WORK/y), then `honeybee-convert ARCHIVE WORK/out --work-dir WORK` (as `python -m honeybee_hf.convert`:
+the checkout being measured; with a stand-in 32000-token tokenizer: Vicuna's is not downloadable here); what each
+wrote is deleted before the next. While one runs, a sampler
 reads every 0.1 s the anonymous memory (`RssAnon` of /proc/<pid>/status: the page cache and memory-mapped files
 excluded) of the process and all its descendants (listed every second), and every 0.2 s the bytes allocated under
-WORK: "peak extra disk" for tar is what it unpacked, for cp both copies, for the converter the spooled official
-shard plus the output written so far; "spool" is the converter's temporary shard alone. Free disk is checked first.
+WORK: "peak extra disk" for tar is what it unpacked, for cp both copies, for the converter the output written so
+far plus any weight file it spooled (it spools none of a release archive since it reads each `.bin` from the stream;
+before, it spooled each official shard); "spool" is the spooled file alone. Free disk is checked first.
 """
 
 import argparse
@@ -118,7 +120,7 @@ def main():
             f"bench_convert_archive: {args.work} has {free / 1e9:.1f} GB free; tar + cp need {2.1 * size / 1e9:.0f} GB"
         )
     tokenizer = stand_in_tokenizer(Path(tempfile.mkdtemp(prefix="tokenizer-", dir=args.work)), OFFICIAL_VOCAB)
-    convert = Path(sys.executable).parent / "honeybee-convert"
+    convert = [sys.executable, "-m", "honeybee_hf.convert"]  # honeybee-convert, from the checkout being measured
     stem = args.archive.name.removesuffix(".tar.gz")
     x, y, out = args.work / "x", args.work / "y", args.work / "out"
     runs = {"tar xzf": [], "cp -r (of the unpacked folder)": [], "honeybee-convert": []}
@@ -133,7 +135,7 @@ def main():
         runs["honeybee-convert"].append(
             measure(
                 [
-                    str(convert),
+                    *convert,
                     str(args.archive),
                     str(out),
                     "--tokenizer",

@@ -11,7 +11,7 @@
   transformers' SDPA attention.
 
 One random official-format state dict per projector is loaded into both sides (into ours through the package's
-own converter, `honeybee_hf.export.official.map_official_abstractor`), the outputs are compared (max |diff| in
+own converter, `honeybee_hf.convert.official.map_official_abstractor`), the outputs are compared (max |diff| in
 the table), then forward (no grad) and forward+backward (grads for every weight, eval mode so dropout is off)
 are timed, interleaved, and their peak memory measured (see _common.py for how).
 
@@ -154,7 +154,7 @@ def randomise_(module, seed):
 
 def build_cabs(backend):
     from honeybee_hf.configuration_honeybee import HoneybeeProjectorConfig
-    from honeybee_hf.export.official import map_official_abstractor
+    from honeybee_hf.convert.official import map_official_abstractor
     from honeybee_hf.modeling_honeybee import HoneybeeCAbstractor
 
     N = GRID * GRID
@@ -175,7 +175,7 @@ def build_cabs(backend):
 
 def build_dabs(backend, attn_implementations):
     from honeybee_hf.configuration_honeybee import HoneybeeProjectorConfig
-    from honeybee_hf.export.official import map_official_abstractor
+    from honeybee_hf.convert.official import map_official_abstractor
     from honeybee_hf.modeling_honeybee import HoneybeeDAbstractor
 
     N = GRID * GRID

@@ -1,7 +1,7 @@
 """Load a release-sized Honeybee converted from benchmarks/write_official_archive.py's archive, as a user would
 (`AutoModelForImageTextToText.from_pretrained(OUT, trust_remote_code=True, dtype=torch.bfloat16)`, fresh process),
 and check it against the model that was written: every weight bit for bit (each official tensor drawn again from
-its name and seed, mapped with `export.official`, one at a time), the dtypes (CLIP, C-Abstractor and LLM bf16; a
+its name and seed, mapped with `convert.official`, one at a time), the dtypes (CLIP, C-Abstractor and LLM bf16; a
 D-Abstractor fp32), the peak resident memory of the load against the weight bytes, and one photo + question:
 time to the first token, decode s/token (medians of 3) and greedy tokens.
 
@@ -23,7 +23,7 @@ from PIL import Image  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 from write_official_archive import OFFICIAL_VOCAB, release_config  # noqa: E402
 
-from honeybee_hf.export.official import map_official_state_dict  # noqa: E402
+from honeybee_hf.convert.official import map_official_state_dict  # noqa: E402
 from utils.official_format import draw, official_shapes  # noqa: E402
 
 

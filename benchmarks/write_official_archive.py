@@ -2,6 +2,8 @@
 
     python benchmarks/write_official_archive.py 7B-C-Abs-M144 --out /big/folder            # folder and .tar.gz
     python benchmarks/write_official_archive.py 13B-C-Abs-M256 --out /big/folder --archive-only
+    python benchmarks/write_official_archive.py 7B-C-Abs-M144 --out /big --archive-only --text-layers 4 \
+        --max-shard-gb 2      # 7B-C-Abs-M144-4L.tar.gz: 2.8 GB in 2 shards, the release's widths and layout
 
 What is written is what the release holds (shared/research/honeybee_official.md, "Archive layout"): `<name>/last/`
 with the Dec-2023 `config.json` (`model_type: "mllm"`), `generation_config.json`, and the weights as
@@ -44,14 +46,16 @@ RELEASES = {
 OFFICIAL_VOCAB = 32000  # Vicuna v1.5; ours adds <image>
 
 
-def release_config(name):
-    """Our HoneybeeConfig shaped as the release `name` (the defaults are Honeybee-C-7B-M144's)."""
+def release_config(name, text_layers=None):
+    """Our HoneybeeConfig shaped as the release `name` (the defaults are Honeybee-C-7B-M144's); `text_layers`: that
+    many LLM layers instead of the release's (every width unchanged)."""
     text, projector_type, queries = RELEASES[name]
     defaults = HoneybeeConfig()
+    layers = {} if text_layers is None else {"num_hidden_layers": text_layers}
     return HoneybeeConfig(
         vision_config=defaults.vision_config.to_dict(),
         projector_config=dict(projector_type=projector_type, num_query_tokens=queries),
-        text_config=defaults.text_config.to_dict() | (text or {}),
+        text_config=defaults.text_config.to_dict() | (text or {}) | layers,
     )
 
 
@@ -65,6 +69,12 @@ def main():
     parser.add_argument("--folder-only", action="store_true", help="write only the folder <name>/last/")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--text-layers", type=int, help="a scaled archive for quick measurements: this many LLM layers (release widths)"
+    )
+    parser.add_argument(
+        "--max-shard-gb", type=float, default=MAX_SHARD_BYTES / 1e9, help="shard limit in GB (default: the release's)"
+    )
+    parser.add_argument(
         "--compresslevel",
         type=int,
         default=0,
@@ -73,9 +83,11 @@ def main():
     )
     args = parser.parse_args()
 
-    config = release_config(args.name)
+    config = release_config(args.name, args.text_layers)
+    name = args.name if args.text_layers is None else f"{args.name}-{args.text_layers}L"  # never taken for a release
+    max_shard_bytes = int(args.max_shard_gb * 1e9)
     shapes = official_shapes(config, OFFICIAL_VOCAB)
-    shard_bytes = [sum(2 * math.prod(s) for _, s in shard) for shard in shard_plan(shapes, MAX_SHARD_BYTES)]
+    shard_bytes = [sum(2 * math.prod(s) for _, s in shard) for shard in shard_plan(shapes, max_shard_bytes)]
     total, largest = sum(shard_bytes), max(shard_bytes)
     folder, archive = not args.archive_only, not args.folder_only
     # One shard's scratch buffers, the folder and/or the archive (~ the weight bytes each: random bf16 barely
@@ -84,23 +96,22 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(args.out).free
     if free < needed * 1.02:
-        sys.exit(
-            f"write_official_archive: {args.out} has {free / 1e9:.1f} GB free; {args.name} needs {needed / 1e9:.1f} GB"
-        )
-    for path in (args.out / args.name, args.out / f"{args.name}.tar.gz"):
+        sys.exit(f"write_official_archive: {args.out} has {free / 1e9:.1f} GB free; {name} needs {needed / 1e9:.1f} GB")
+    for path in (args.out / name, args.out / f"{name}.tar.gz"):
         if path.exists():
             sys.exit(f"write_official_archive: {path} exists; delete it first")
     parameters = sum(math.prod(s) for _, s in shapes)
-    print(f"{args.name}: {parameters / 1e9:.2f} B parameters, {total / 1e9:.2f} GB bf16 in {len(shard_bytes)} shards")
+    print(f"{name}: {parameters / 1e9:.2f} B parameters, {total / 1e9:.2f} GB bf16 in {len(shard_bytes)} shards")
     started = time.perf_counter()
     written = write_official_checkpoint(
         config,
-        args.name,
+        name,
         args.out,
         OFFICIAL_VOCAB,
         folder=folder,
         archive=archive,
         seed=args.seed,
+        max_shard_bytes=max_shard_bytes,
         compresslevel=args.compresslevel,
         log=lambda line: print(f"  {line} ({time.perf_counter() - started:.0f} s)", flush=True),
     )

@@ -95,7 +95,7 @@ def test_convert_missing_checkpoint_and_debug_shows_the_traceback(tmp_path):
     for flag in ("--debug", "-v"):
         result = run_console_script("honeybee-convert", *args, flag)
         assert result.returncode == 1 and "Traceback" in result.stderr, result.stderr
-        assert result.stderr.rstrip().splitlines()[-1].startswith("honeybee_hf.export.convert.ConversionError: ")
+        assert result.stderr.rstrip().splitlines()[-1].startswith("honeybee_hf.convert.ConversionError: ")
 
 
 def test_convert_output_that_exists(model_folder, tmp_path):

@@ -1,4 +1,4 @@
-"""`honeybee-convert` (export/convert.py, export/official.py): official Honeybee checkpoints -> Hub folders.
+"""`honeybee-convert` (convert/): official Honeybee checkpoints -> Hub folders.
 
 - The tiny official-format archive in fixtures/official_ckpt/ (written by the official code, with its recorded
   outputs) converted with the console command, loaded through the Auto classes on this transformers version and
@@ -16,6 +16,7 @@ import os
 import re
 import tarfile
 import uuid
+import weakref
 from pathlib import Path
 
 import pytest
@@ -24,9 +25,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from check_official_parity import compare
-from honeybee_hf.export import convert as convert_module
-from honeybee_hf.export.convert import ConversionError, convert_official_checkpoint, main
-from honeybee_hf.export.official import UNUSED_VISION_PREFIX, official_config_to_kwargs, official_key
+from honeybee_hf.convert import ConversionError, convert_official_checkpoint, weight_files
+from honeybee_hf.convert import archive as archive_module
+from honeybee_hf.convert import writer as writer_module
+from honeybee_hf.convert.cli import main
+from honeybee_hf.convert.official import UNUSED_VISION_PREFIX, official_config_to_kwargs, official_key
 from honeybee_hf.hub.folder import save_hub_folder
 from honeybee_hf.testing_utils import TOY_SPM, tiny_config, tiny_model, tiny_processor
 from utils import OFFICIAL_CKPT as FIXTURE
@@ -73,7 +76,8 @@ def test_console_scripts_are_declared():
     from importlib.metadata import entry_points
 
     scripts = {e.name: e for e in entry_points(group="console_scripts") if e.name.startswith("honeybee-")}
-    assert scripts["honeybee-convert"].value == "honeybee_hf.export.convert:main"
+    # the installed metadata: an environment installed before a command moved needs `pip install -e .` again
+    assert scripts["honeybee-convert"].value == "honeybee_hf.convert.cli:main", "reinstall the package"
     assert scripts["honeybee-publish"].value == "honeybee_hf.hub.publish:main"
     assert scripts["honeybee-convert"].load() is main
 
@@ -301,32 +305,59 @@ def test_hand_made_official_checkpoints_convert_exactly(case, tmp_path, photo):
 
 
 def test_dtype_option_and_streaming_shard_by_shard(tmp_path, monkeypatch):
-    """Each official shard is read once to check it and once to convert it, memory-mapped and weights-only, and
-    output shards are written while later official shards are still unread."""
+    """Each official shard is read twice: to check it (data.pkl, then every record's presence and size, its data
+    skipped) and to convert it (one pass, each tensor built as its storage arrives, never torch.load); output shards
+    are written while later official shards are still unread, and while a storage is read no earlier one is alive
+    (memory holds one official tensor at a time)."""
     make_official_checkpoint(tmp_path / "src", "stream", shards=3)
-    events, real_load, real_save = [], torch.load, convert_module.save_file
+    events, alive = [], []
+    real_check, real_tensors, real_write, real_read = (
+        weight_files.StreamedBin.check,
+        weight_files.StreamedBin.tensors,
+        writer_module.write_at,
+        weight_files._Reader.readinto_exact,
+    )
 
-    def spy_load(path, *args, **kwargs):
-        assert kwargs.get("weights_only") is True and kwargs.get("mmap") is True
-        events.append(("load", os.path.basename(path)))
-        return real_load(path, *args, **kwargs)
+    def spy_tensors(self):
+        events.append(("read", self.name))
+        for item in real_tensors(self):
+            alive.append(weakref.ref(item[1]._base))  # the storage's buffer, which every tensor of it views
+            yield item
+            del item
 
-    def spy_save(tensors, path, metadata=None):
-        events.append(("write", os.path.basename(path)))
-        assert all(t.dtype == torch.float32 for t in tensors.values())
-        return real_save(tensors, path, metadata=metadata)
+    def spy_read(self, view):
+        assert all(ref() is None for ref in alive), "an earlier storage is still in memory"
+        return real_read(self, view)
 
-    monkeypatch.setattr(convert_module.torch, "load", spy_load)
-    monkeypatch.setattr(convert_module, "save_file", spy_save)
+    def never_load(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+
+    def spy_check(self):
+        events.append(("check", self.name))
+        return real_check(self)
+
+    def spy_write(*args):
+        events.append(("write", None))
+        return real_write(*args)
+
+    monkeypatch.setattr(weight_files.StreamedBin, "check", spy_check)
+    monkeypatch.setattr(weight_files.StreamedBin, "tensors", spy_tensors)
+    monkeypatch.setattr(weight_files._Reader, "readinto_exact", spy_read)
+    monkeypatch.setattr(writer_module, "write_at", spy_write)
+    monkeypatch.setattr(torch, "load", never_load)
     out = unique(tmp_path, "stream")
     convert_official_checkpoint(
         tmp_path / "src" / "stream", out, TOY_SPM, dtype="float32", max_shard_size="40KB", progress=False
     )
-    loads = [name for kind, name in events if kind == "load"]
-    assert sorted(loads) == sorted([f"pytorch_model-{i:05d}-of-00003.bin" for i in (1, 2, 3)] * 2)
-    streaming = events[3:]  # after the three checking reads
-    last_load = max(i for i, (kind, _) in enumerate(streaming) if kind == "load")
-    assert any(kind == "write" for kind, _ in streaming[:last_load]), streaming
+    shards = [f"pytorch_model-{i:05d}-of-00003.bin" for i in (1, 2, 3)]
+    assert [name for kind, name in events if kind == "check"] == shards
+    assert [name for kind, name in events if kind == "read"] == shards
+    assert all(kind == "check" for kind, _ in events[:3])  # the whole folder is checked before anything is written
+    streaming = events[3:]
+    last_read = max(i for i, (kind, _) in enumerate(streaming) if kind == "read")
+    assert any(kind == "write" for kind, _ in streaming[:last_read]), streaming
+    assert len(alive) > 3  # several storages per file, each released before the next was read
+    assert {t.dtype for t in _all_tensors(out).values()} == {torch.float32}
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
 
 
@@ -394,8 +425,8 @@ def _all_tensors(out):
 
 @pytest.mark.parametrize("order", ["config_first_index_last", "shard_before_config"])
 def test_streamed_archive_gives_the_folder_conversion(tmp_path, monkeypatch, order):
-    """An archive is read as a stream, one weight file at a time on disk: its conversion equals the folder's,
-    whatever the member order (a shard that precedes config.json waits on disk for it)."""
+    """An archive is read as a stream: no weight file goes to disk, except one that precedes config.json (it waits
+    there for it); the conversion equals the folder's whatever the member order."""
     make_official_checkpoint(tmp_path / "src", "streamed", fmt="dec2023", shards=3, legacy_pos_emb=True)
     last = tmp_path / "src" / "streamed" / "last"
     shards = [f"pytorch_model-{i:05d}-of-00003.bin" for i in (1, 2, 3)]
@@ -407,33 +438,78 @@ def test_streamed_archive_gives_the_folder_conversion(tmp_path, monkeypatch, ord
     from_folder = unique(tmp_path, "folder")
     convert_official_checkpoint(last, from_folder, TOY_SPM, max_shard_size="60KB", progress=False)
 
-    spooled, real_load = [], convert_module.load_weight_file
+    spooled, streamed, real_spool = [], [], archive_module.ArchiveCheckpoint._spool
+    real_init = weight_files.StreamedBin.__init__
 
-    def spy_load(path):
-        spooled.append(sorted(p.name for p in path.parent.iterdir()))  # what is on disk while a file converts
-        return real_load(path)
+    def spy_spool(self, path, *args):
+        spooled.append(path.name)
+        return real_spool(self, path, *args)
 
-    monkeypatch.setattr(convert_module, "load_weight_file", spy_load)
+    def spy_init(self, stream, name, seekable=False):
+        streamed.append((name, seekable))  # seekable: from a file on disk
+        real_init(self, stream, name, seekable)
+
+    monkeypatch.setattr(archive_module.ArchiveCheckpoint, "_spool", spy_spool)
+    monkeypatch.setattr(weight_files.StreamedBin, "__init__", spy_init)
     work = tmp_path / "work"
     from_archive = unique(tmp_path, "archive")
     convert_official_checkpoint(archive, from_archive, TOY_SPM, max_shard_size="60KB", work_dir=work, progress=False)
-    assert len(spooled) == 3
-    if order == "config_first_index_last":
-        assert all(len(files) == 1 for files in spooled), spooled  # extra disk: one official shard at a time
+    waited = [shards[1]] if order == "shard_before_config" else []
+    assert spooled == waited
+    assert sorted(streamed) == sorted((name, name in waited) for name in shards)
     assert list(work.iterdir()) == []  # nothing spooled is left
     ours, theirs = _all_tensors(from_archive), _all_tensors(from_folder)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert all(ours[k].dtype == theirs[k].dtype for k in ours)
     assert json.loads((from_archive / "config.json").read_text()) == json.loads(
         (from_folder / "config.json").read_text()
     )
 
 
-def _no_space(*args, **kwargs):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), args[1])
+@pytest.mark.parametrize("source", ["folder", "archive"])
+def test_a_bin_the_stream_reader_cannot_read_is_loaded_whole_saying_so(tmp_path, capsys, source):
+    """A legacy (pre-zip) `.bin` cannot be read as a stream: it is loaded whole with torch.load(weights_only=True),
+    from a temporary file when it comes from an archive, and one line on stderr names it; the output is the same."""
+    make_official_checkpoint(tmp_path / "src", "legacy", shards=2)
+    last = tmp_path / "src" / "legacy" / "last"
+    reference = unique(tmp_path, "zip")
+    convert_official_checkpoint(last, reference, TOY_SPM, progress=False)
+    legacy = last / "pytorch_model-00002-of-00002.bin"
+    torch.save(torch.load(legacy, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    src = last if source == "folder" else _archive_in_order(last, tmp_path / "legacy.tar.gz", ["config.json"])
+    work, out = tmp_path / "work", unique(tmp_path, "legacy")
+    capsys.readouterr()
+    convert_official_checkpoint(src, out, TOY_SPM, work_dir=work, progress=False)
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("honeybee-convert: pytorch_model-00002-of-00002.bin: it is not a zip")
+    assert "loading it whole with torch.load" in line and ("temporary file" in line) == (source == "archive")
+    assert list(work.iterdir()) == [] if source == "archive" else not work.exists()
+    for name in sorted(p.name for p in reference.iterdir()):
+        if name != "README.md":  # the model card names the source
+            assert (out / name).read_bytes() == (reference / name).read_bytes(), name
 
 
-def _no_memory(*args, **kwargs):
+def _no_space():
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _no_memory():
     raise MemoryError
+
+
+def _fail_in_the_second_shard(monkeypatch, shards, fail):
+    """`fail()` when a tensor's bytes first go to a second output shard (one tensor at least was written before);
+    `shards` collects the shard files written to."""
+    real_write = writer_module.write_at
+
+    def failing_write(fd, data, offset):
+        if offset > 0 and fd not in shards:  # a tensor (offset 0 is a header)
+            shards.append(fd)
+            if len(shards) == 2:
+                fail()
+        return real_write(fd, data, offset)
+
+    monkeypatch.setattr(writer_module, "write_at", failing_write)
 
 
 @pytest.mark.parametrize("fault", ["disk_full", "out_of_memory", "archive_truncated_after_a_shard"])
@@ -441,19 +517,12 @@ def test_a_run_failing_midway_leaves_no_out_and_says_so_in_one_line(tmp_path, mo
     make_official_checkpoint(tmp_path / "src", "midway", shards=3)
     last = tmp_path / "src" / "midway" / "last"
     archive = _archive_in_order(last, tmp_path / "midway.tar.gz", ["config.json"])
-    calls, real_save = [], convert_module.save_file
+    calls = []
     if fault == "archive_truncated_after_a_shard":
         data = archive.read_bytes()
         archive.write_bytes(data[: len(data) * 2 // 3])
     else:
-
-        def failing_save(*args, **kwargs):  # the second output shard fails
-            calls.append(args[1])
-            if len(calls) == 2:
-                (_no_space if fault == "disk_full" else _no_memory)(*args)
-            return real_save(*args, **kwargs)
-
-        monkeypatch.setattr(convert_module, "save_file", failing_save)
+        _fail_in_the_second_shard(monkeypatch, calls, _no_space if fault == "disk_full" else _no_memory)
     out = tmp_path / "out"
     code = main([str(archive), str(out), "--tokenizer", str(TOY_SPM), "--max-shard-size", "60KB", "--quiet"])
     err = capsys.readouterr().err.strip()
@@ -466,6 +535,42 @@ def test_a_run_failing_midway_leaves_no_out_and_says_so_in_one_line(tmp_path, mo
     assert re.search(expected, err), err
     assert fault == "archive_truncated_after_a_shard" or len(calls) == 2  # it failed after writing a shard
     assert sorted(p.name for p in tmp_path.iterdir()) == ["midway.tar.gz", "src"]  # no OUT, no partial, no spool
+
+
+@pytest.mark.parametrize("packing", ["plain tar", "two gzip members", "bzip2", "corrupt gzip", "corrupt stored gzip"])
+def test_archive_packings(official_folder, tmp_path, monkeypatch, packing):
+    """A plain .tar, and a .tar.gz of several gzip members (as concatenated or parallel gzip writes it), convert as
+    the release's .tar.gz does; other compressions and corrupt data are refused in one line, and OUT is not written:
+    the archive is read to its end, so gzip's checksum covers every byte (a byte changed in a level-0 gzip, whose
+    stored blocks have no checksum of their own, is caught only there)."""
+    import bz2
+    import gzip
+
+    tar_bytes = gzip.decompress(ARCHIVE.read_bytes())
+    half = len(tar_bytes) // 2
+    data = {
+        "plain tar": tar_bytes,
+        "two gzip members": gzip.compress(tar_bytes[:half]) + b"\0" * 8 + gzip.compress(tar_bytes[half:]),
+        "bzip2": bz2.compress(tar_bytes),
+        "corrupt gzip": bytearray(ARCHIVE.read_bytes()),
+        "corrupt stored gzip": bytearray(gzip.compress(tar_bytes, compresslevel=0)),
+    }[packing]
+    if packing == "corrupt gzip":
+        data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    if packing == "corrupt stored gzip":
+        data[len(data) // 2] ^= 0xFF  # inside the weights
+    archive = tmp_path / "tiny_cabs_m16.tar.gz"
+    archive.write_bytes(bytes(data))
+    out = unique(tmp_path, "packing")
+    monkeypatch.setattr(archive_module, "_INFLATED_CHUNK", 4096)  # gzip's checksum comes after the last member
+    if packing in ("bzip2", "corrupt gzip", "corrupt stored gzip"):
+        message = "compressed with bzip2; the releases are .tar.gz" if packing == "bzip2" else "truncated or corrupt"
+        with pytest.raises(ConversionError, match=message):
+            convert_official_checkpoint(archive, out, TOKENIZER, progress=False)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny_cabs_m16.tar.gz"]
+        return
+    convert_official_checkpoint(archive, out, TOKENIZER, progress=False)
+    assert (out / "model.safetensors").read_bytes() == (official_folder / "model.safetensors").read_bytes()
 
 
 def test_truncated_archive_is_refused(tmp_path):
@@ -573,15 +678,12 @@ def test_interrupted_write_leaves_out_untouched(tmp_path, monkeypatch, existing)
     if existing:
         out.mkdir()
         (out / "keep.txt").write_text("previous conversion")
-    calls, real_save = [], convert_module.save_file
+    calls = []
 
-    def interrupted(*args, **kwargs):
-        calls.append(args[1])
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # Ctrl-C while the second shard is written
-        return real_save(*args, **kwargs)
+    def interrupt():
+        raise KeyboardInterrupt  # Ctrl-C while the second shard is written
 
-    monkeypatch.setattr(convert_module, "save_file", interrupted)
+    _fail_in_the_second_shard(monkeypatch, calls, interrupt)
     with pytest.raises(KeyboardInterrupt):
         convert_official_checkpoint(
             tmp_path / "src" / "interrupt", out, TOY_SPM, max_shard_size="60KB", force=True, progress=False

@@ -14,8 +14,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from honeybee_hf.configuration_honeybee import HoneybeeConfig
-from honeybee_hf.export.convert import convert_official_checkpoint
-from honeybee_hf.export.official import map_official_state_dict
+from honeybee_hf.convert import convert_official_checkpoint
+from honeybee_hf.convert.official import map_official_state_dict
 from utils import photo
 from utils.official_format import draw, official_shapes, stand_in_tokenizer, write_official_checkpoint
 

@@ -8,7 +8,7 @@ import os
 import huggingface_hub
 import pytest
 
-from honeybee_hf.export.convert import convert_official_checkpoint
+from honeybee_hf.convert import convert_official_checkpoint
 from honeybee_hf.hub.publish import PublishError, check_hub_folder, main, publish
 from utils import OFFICIAL_CKPT as FIXTURE
 

@@ -1,5 +1,5 @@
 """Our C-/D-Abstractor against tensors produced by the official code (kakaobrain/honeybee, transformers 4.38.1,
-timm 0.9.8, fp32, CPU) with deterministic random weights; the weights go through `export.official`.
+timm 0.9.8, fp32, CPU) with deterministic random weights; the weights go through `convert.official`.
 
 The fixtures are NCHW where the official modules are; ours are token-major (B, N, C).
 """
@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from honeybee_hf.configuration_honeybee import HoneybeeProjectorConfig
-from honeybee_hf.export.official import map_official_abstractor, map_official_state_dict
+from honeybee_hf.convert.official import map_official_abstractor, map_official_state_dict
 from honeybee_hf.modeling_honeybee import HoneybeeCAbstractor, HoneybeeDAbstractor, _initial_reference_points
 from utils import OFFICIAL_FIXTURES as FIXTURES
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoProcessor
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from honeybee_hf.export.official import official_image_processor
+from honeybee_hf.convert.official import official_image_processor
 from honeybee_hf.hub.folder import save_hub_folder
 from honeybee_hf.processing_honeybee import (
     AI,
@@ -248,7 +248,7 @@ def whitespace_vocab(tmp_path_factory):
 
 
 def test_rendered_prompts_give_official_ids_with_a_vocabulary_that_merges_spaces(processor, whitespace_vocab):
-    from honeybee_hf.export.tokenizer import load_backend, save_tokenizer_files
+    from honeybee_hf.convert.tokenizer import load_backend, save_tokenizer_files
 
     spm = sentencepiece.SentencePieceProcessor(model_file=str(whitespace_vocab))
     assert spm.piece_to_id("▁▁") != spm.unk_id()

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from honeybee_hf.export.official import UNUSED_VISION_PREFIX, official_key
-from honeybee_hf.export.tokenizer import load_backend
+from honeybee_hf.convert.official import UNUSED_VISION_PREFIX, official_key
+from honeybee_hf.convert.tokenizer import load_backend
 from honeybee_hf.modeling_honeybee import HoneybeeForConditionalGeneration
 from honeybee_hf.testing_utils import TOY_SPM
 

@@ -5,9 +5,11 @@ and `language_model.*` (Llama with its head); ours follow transformers' LLaVA: `
 `model.abstractor.*`, `model.language_model.*` (the Llama backbone) and `lm_head.*`. Every key is renamed by one
 explicit rule and its shape checked against our model's state dict; anything left over, missing or the wrong shape
 raises a `ValueError` that names the key.
-Nothing here loads files or touches a model: the functions map dicts of tensors to dicts of tensors (meta tensors
-work too, which is how the converter checks a whole checkpoint before reading any weight), and
-`official_config_to_kwargs` maps an official `config.json` to `HoneybeeConfig` arguments.
+Nothing here loads files or touches a model: `plan_official_state_dict` says, from shapes alone (meta tensors do,
+which is how the converter checks a whole checkpoint and lays out its output before any weight arrives), what each
+official key becomes (our key, and an edit: kept, the legacy CLS slot dropped, or `<image>`'s row appended);
+`map_official_state_dict` applies that plan to a dict of tensors; `official_config_to_kwargs` maps an official
+`config.json` to `HoneybeeConfig` arguments.
 
     >>> ours = map_official_state_dict(official, model.state_dict())
     >>> model.load_state_dict(ours, strict=True)
@@ -96,34 +98,69 @@ def official_abstractor_key(ours):
     return _rename_bottleneck_key(ours, {v: k for k, v in _BOTTLENECK_RENAMES.items()})
 
 
-def map_official_abstractor(state_dict, target_state_dict, prefix="", complete=True):
-    """Official abstractor weights -> ours; keys are given without the `abstractor.` prefix.
+# How an official tensor becomes ours besides its new name: kept, or edited in one of three ways.
+KEEP = "keep"
+DROP_CLS_SLOT = "drop the legacy CLS slot"  # Dec-2023 pos_emb / v_pos_emb: (1, N + 1, C) -> (1, N, C)
+APPEND_MEAN_ROW = "append the mean row"  # embed_tokens: (V, D) -> (V + 1, D), `<image>`'s row
+APPEND_ZERO_ROW = "append a zero row"  # lm_head: (V, D) -> (V + 1, D), `<image>`'s row
+_MEAN_BLOCK_ROWS = 4096  # rows of the embedding averaged at a time in fp32
 
-    The submodule names of HoneybeeCAbstractor / HoneybeeDAbstractor are the official ones, except in the
-    C-Abstractor's bottlenecks (`abstractor_key`). Dec-2023 checkpoints built `pos_emb` (D-Abs: `v_pos_emb`) with
-    N+1 slots for the CLS-inclusive features and dropped token 0 afterwards; slot 0 is dropped here, as the official
-    `Projector._load_from_state_dict` does. `prefix` only makes error messages name full checkpoint keys;
-    `complete=False` maps a part of the checkpoint (one shard) without asking for the rest.
+
+def image_token_row(edit, tensor):
+    """The row (1, D) that `<image>` adds to the official (V, D) `tensor`.
+
+    - APPEND_MEAN_ROW (embed_tokens): the mean of the V rows. The model overwrites every `<image>` embedding with a
+      projector output before the LM sees it, so the row never changes an output; the mean (as
+      `resize_token_embeddings(..., mean_resizing=True)`) keeps it among the other embeddings for anything that
+      reads it anyway (a fine-tune that trains the embeddings, a probe of the embedding matrix).
+    - APPEND_ZERO_ROW (lm_head): zeros. The `<image>` logit is then exactly 0 whatever the hidden state, so the row
+      carries no signal and the V official logits are untouched (bit-identical); `generation_config.json` also
+      suppresses the id, so greedy and sampled generation never produce it.
     """
-    mapped = {}
-    for key, tensor in state_dict.items():
-        ours = abstractor_key(key)
-        if ours not in target_state_dict:
-            raise ValueError(f"official key {prefix + key!r} has no counterpart in our abstractor")
-        target = target_state_dict[ours]
-        legacy = (
-            key in ("pos_emb", "v_pos_emb")
-            and tensor.dim() == 3
-            and tensor.shape[1] == target.shape[1] + 1
-            and (tensor.shape[0], tensor.shape[2]) == (target.shape[0], target.shape[2])
-        )
-        if legacy:
-            tensor = tensor[:, 1:].clone()  # slot 0 was the legacy CLS position
-        _check_shape(prefix + key, tensor, ours, target)
-        mapped[ours] = tensor
-    if complete:
-        _check_complete(mapped, target_state_dict, prefix, official_abstractor_key)
-    return mapped
+    if edit == APPEND_MEAN_ROW:
+        # summed in fp32 a block of rows at a time: a whole fp32 copy of a 13B embedding would be 0.65 GB
+        total = sum(block.to(torch.float32).sum(dim=0, keepdim=True) for block in tensor.split(_MEAN_BLOCK_ROWS))
+        return (total / tensor.shape[0]).to(tensor.dtype)
+    return torch.zeros_like(tensor[:1])
+
+
+def edited_parts(edit, tensor):
+    """The official `tensor` after `edit`, as parts to concatenate along dim 0: a writer can put them one after the
+    other, so growing a vocabulary matrix by one row never copies the matrix."""
+    if edit == DROP_CLS_SLOT:
+        return [tensor[:, 1:]]  # slot 0 was the legacy CLS position
+    if edit in (APPEND_MEAN_ROW, APPEND_ZERO_ROW):
+        return [tensor, image_token_row(edit, tensor)]
+    return [tensor]
+
+
+def edit_tensor(edit, tensor):
+    """The official `tensor` after `edit`, as one tensor."""
+    parts = edited_parts(edit, tensor)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+# One rule per official module: an official key (without the module's prefix) and its tensor -> (our key, edit), or
+# None for a tensor our model does not have; `target` is our model's state dict keyed the same way. A key with no
+# counterpart raises. Only shapes are read, so meta tensors do.
+
+
+def _abstractor_rule(key, tensor, target, prefix):
+    """The submodule names of HoneybeeCAbstractor / HoneybeeDAbstractor are the official ones, except in the
+    C-Abstractor's bottlenecks (`abstractor_key`). Dec-2023 checkpoints built `pos_emb` (D-Abs: `v_pos_emb`) with N+1
+    slots for the CLS-inclusive features and dropped token 0 afterwards; slot 0 is dropped here, as the official
+    `Projector._load_from_state_dict` does."""
+    ours = abstractor_key(key)
+    if ours not in target:
+        raise ValueError(f"official key {prefix + key!r} has no counterpart in our abstractor")
+    shape = target[ours].shape
+    legacy = (
+        key in ("pos_emb", "v_pos_emb")
+        and tensor.dim() == 3
+        and tensor.shape[1] == shape[1] + 1
+        and (tensor.shape[0], tensor.shape[2]) == (shape[0], shape[2])
+    )
+    return ours, DROP_CLS_SLOT if legacy else KEEP
 
 
 # CLIP's `post_layernorm` normalises the pooled CLS token, which Honeybee never reads: our tower has no such
@@ -131,77 +168,83 @@ def map_official_abstractor(state_dict, target_state_dict, prefix="", complete=T
 UNUSED_VISION_PREFIX = "vision_model.post_layernorm."
 
 
-def map_official_vision_model(state_dict, target_state_dict, prefix="", complete=True):
+def _vision_rule(key, tensor, target, prefix):
     """CLIP: our vision tower keeps transformers 4.x `CLIPVisionModel`'s names, so every key maps to itself; the
     unused `post_layernorm` is dropped."""
-    mapped = {}
+    if key.startswith(UNUSED_VISION_PREFIX):
+        return None
+    if key not in target:
+        raise ValueError(f"official key {prefix + key!r} has no counterpart in our vision tower")
+    return key, KEEP
+
+
+# The two matrices indexed by token id, and how each grows: ours have one more row, for `<image>` (image_token_id =
+# the official vocabulary size, so every official id keeps its meaning).
+_VOCAB_MATRICES = {"model.embed_tokens.weight": APPEND_MEAN_ROW, "lm_head.weight": APPEND_ZERO_ROW}
+
+
+def _language_model_rule(key, tensor, target, prefix):
+    """Llama: keys map to themselves; the embedding and lm_head grow by one row for `<image>` (`image_token_row`),
+    exactly when our model's matrix has one row more than the checkpoint's."""
+    if key not in target:
+        raise ValueError(f"official key {prefix + key!r} has no counterpart in our language model")
+    shape = target[key].shape
+    grown = (
+        key in _VOCAB_MATRICES and tensor.dim() == 2 and tensor.shape[0] + 1 == shape[0] and tensor.shape[1] == shape[1]
+    )
+    return key, _VOCAB_MATRICES[key] if grown else KEEP
+
+
+def _plan(rule, state_dict, target_state_dict, prefix, complete, official_name=lambda key: key):
+    """{official key: (our key, edit)} of `state_dict` by `rule`, each edited shape checked against ours; with
+    `complete`, our keys the checkpoint lacks raise (named by `official_name`)."""
+    plan = {}
     for key, tensor in state_dict.items():
-        if key.startswith(UNUSED_VISION_PREFIX):
+        mapped = rule(key, tensor, target_state_dict, prefix)
+        if mapped is None:
             continue
-        if key not in target_state_dict:
-            raise ValueError(f"official key {prefix + key!r} has no counterpart in our vision tower")
-        _check_shape(prefix + key, tensor, key, target_state_dict[key])
-        mapped[key] = tensor
+        ours, edit = mapped
+        _check_shape(prefix + key, edit_tensor(edit, tensor.to("meta")), ours, target_state_dict[ours])
+        plan[key] = mapped
     if complete:
-        _check_complete(mapped, target_state_dict, prefix)
-    return mapped
+        _check_complete({ours for ours, _ in plan.values()}, target_state_dict, prefix, official_name)
+    return plan
 
 
-# The two matrices indexed by token id; ours have one more row, for `<image>` (image_token_id = the official
-# vocabulary size, so every official id keeps its meaning).
-_VOCAB_MATRICES = ("model.embed_tokens.weight", "lm_head.weight")
-_MEAN_BLOCK_ROWS = 4096  # rows of the embedding averaged at a time in fp32
+def _apply(plan, state_dict):
+    return {ours: edit_tensor(edit, state_dict[key]) for key, (ours, edit) in plan.items()}
 
 
-def grow_vocab_matrix(key, tensor):
-    """`tensor` (V, D) -> (V + 1, D), the new last row being `<image>`'s.
+def map_official_abstractor(state_dict, target_state_dict, prefix="", complete=True):
+    """Official abstractor weights -> ours (`_abstractor_rule`); keys are given without the `abstractor.` prefix.
+    `prefix` only makes error messages name full checkpoint keys; `complete=False` maps a part of the checkpoint
+    (one shard) without asking for the rest."""
+    plan = _plan(_abstractor_rule, state_dict, target_state_dict, prefix, complete, official_abstractor_key)
+    return _apply(plan, state_dict)
 
-    - embed_tokens: the mean of the V rows. The model overwrites every `<image>` embedding with a projector output
-      before the LM sees it, so the row never changes an output; the mean (as `resize_token_embeddings(...,
-      mean_resizing=True)`) keeps it among the other embeddings for anything that reads it anyway (a fine-tune
-      that trains the embeddings, a probe of the embedding matrix).
-    - lm_head: zeros. The `<image>` logit is then exactly 0 whatever the hidden state, so the row carries no
-      signal and the V official logits are untouched (bit-identical); `generation_config.json` also suppresses
-      the id, so greedy and sampled generation never produce it.
-    """
-    if key == "model.embed_tokens.weight":
-        # summed in fp32 a block of rows at a time: a whole fp32 copy of a 13B embedding would be 0.65 GB
-        total = sum(block.to(torch.float32).sum(dim=0, keepdim=True) for block in tensor.split(_MEAN_BLOCK_ROWS))
-        row = (total / tensor.shape[0]).to(tensor.dtype)
-    else:
-        row = torch.zeros_like(tensor[:1])
-    return torch.cat([tensor, row], dim=0)
+
+def map_official_vision_model(state_dict, target_state_dict, prefix="", complete=True):
+    """Official CLIP weights -> ours (`_vision_rule`), as `map_official_abstractor`."""
+    return _apply(_plan(_vision_rule, state_dict, target_state_dict, prefix, complete), state_dict)
 
 
 def map_official_language_model(state_dict, target_state_dict, prefix="", complete=True):
-    """Llama: keys map to themselves; the embedding and lm_head grow by one row for `<image>` (see
-    `grow_vocab_matrix`), exactly when our model's matrix has one row more than the checkpoint's."""
-    mapped = {}
-    for key, tensor in state_dict.items():
-        if key not in target_state_dict:
-            raise ValueError(f"official key {prefix + key!r} has no counterpart in our language model")
-        target = target_state_dict[key]
-        if (
-            key in _VOCAB_MATRICES
-            and tensor.dim() == 2
-            and tensor.shape[0] + 1 == target.shape[0]
-            and tensor.shape[1] == target.shape[1]
-        ):
-            tensor = grow_vocab_matrix(key, tensor)
-        _check_shape(prefix + key, tensor, key, target)
-        mapped[key] = tensor
-    if complete:
-        _check_complete(mapped, target_state_dict, prefix)
-    return mapped
+    """Official Llama weights -> ours (`_language_model_rule`), as `map_official_abstractor`."""
+    return _apply(_plan(_language_model_rule, state_dict, target_state_dict, prefix, complete), state_dict)
 
 
-# One rule per top-level official module: official prefix -> (rule on the un-prefixed keys, where those keys
-# live in ours: {official sub-prefix: our prefix}). The official `language_model` is a whole `LlamaForCausalLM`;
-# ours splits it, as LLaVA, into the backbone `model.language_model` and the head `lm_head`.
+# One rule per top-level official module: official prefix -> (rule on the un-prefixed keys, how the checkpoint names
+# our un-prefixed keys, where those keys live in ours: {official sub-prefix: our prefix}). The official
+# `language_model` is a whole `LlamaForCausalLM`; ours splits it, as LLaVA, into the backbone `model.language_model`
+# and the head `lm_head`.
 RULES = {
-    "vision_model.": (map_official_vision_model, {"": "model.vision_tower."}),
-    "abstractor.": (map_official_abstractor, {"": "model.abstractor."}),
-    "language_model.": (map_official_language_model, {"model.": "model.language_model.", "lm_head.": "lm_head."}),
+    "vision_model.": (_vision_rule, lambda key: key, {"": "model.vision_tower."}),
+    "abstractor.": (_abstractor_rule, official_abstractor_key, {"": "model.abstractor."}),
+    "language_model.": (
+        _language_model_rule,
+        lambda key: key,
+        {"model.": "model.language_model.", "lm_head.": "lm_head."},
+    ),
 }
 
 
@@ -220,22 +263,20 @@ def _official_to_ours(key, placement):
 
 def official_key(key):
     """Our key -> the official checkpoint's name for it (the inverse of the renames)."""
-    for official_prefix, (_, placement) in RULES.items():
+    for official_prefix, (_, official_name, placement) in RULES.items():
         relative = _ours_to_official(key, placement)
         if relative is not None:
-            if official_prefix == "abstractor.":
-                relative = official_abstractor_key(relative)
-            return official_prefix + relative
+            return official_prefix + official_name(relative)
     raise ValueError(f"{key!r} is under none of our module prefixes")
 
 
-def map_official_state_dict(state_dict, model_state_dict, complete=True):
-    """A full (or partial, by prefix) official state dict -> ours, checked against `model_state_dict`.
-
-    Each official key must fall under a prefix of `RULES`; each rule sees its keys without the prefix and
-    the matching slice of `model_state_dict`, keyed the same way. Stale buffers (`is_stale_buffer`) are dropped.
-    With `complete` (the default) our keys that the checkpoint lacks raise; `complete=False` maps one shard.
-    """
+def plan_official_state_dict(state_dict, model_state_dict, complete=True):
+    """{official key: (our key, edit)} for a full (or partial, by prefix) official state dict, checked against
+    `model_state_dict`; only shapes are read, so the converter plans a whole file from meta tensors before any weight
+    arrives. Each official key must fall under a prefix of `RULES`; each rule sees its keys without the prefix and
+    the matching slice of `model_state_dict`, keyed the same way. Stale buffers (`is_stale_buffer`) and tensors our
+    model does not have are left out. With `complete` (the default) our keys that the checkpoint lacks raise;
+    `complete=False` plans one shard. Ordered by module (`RULES`), then as `state_dict`."""
     groups = {}
     for key, tensor in state_dict.items():
         if is_stale_buffer(key):
@@ -244,8 +285,8 @@ def map_official_state_dict(state_dict, model_state_dict, complete=True):
         if official_prefix is None:
             raise ValueError(f"official key {key!r} is under no known module prefix {sorted(RULES)}")
         groups.setdefault(official_prefix, {})[key[len(official_prefix) :]] = tensor
-    mapped = {}
-    for official_prefix, (rule, placement) in RULES.items():
+    plan = {}
+    for official_prefix, (rule, official_name, placement) in RULES.items():
         if not complete and official_prefix not in groups:
             continue
         target = {}
@@ -253,13 +294,18 @@ def map_official_state_dict(state_dict, model_state_dict, complete=True):
             relative = _ours_to_official(key, placement)
             if relative is not None:
                 target[relative] = value
-        for key, tensor in rule(
-            groups.get(official_prefix, {}), target, prefix=official_prefix, complete=complete
-        ).items():
-            mapped[_official_to_ours(key, placement)] = tensor
+        group = groups.get(official_prefix, {})
+        for key, (ours, edit) in _plan(rule, group, target, official_prefix, complete, official_name).items():
+            plan[official_prefix + key] = (_official_to_ours(ours, placement), edit)
     if complete:
-        _check_complete(mapped, model_state_dict, "")
-    return mapped
+        _check_complete({ours for ours, _ in plan.values()}, model_state_dict, "")
+    return plan
+
+
+def map_official_state_dict(state_dict, model_state_dict, complete=True):
+    """A full (or partial) official state dict -> ours, checked against `model_state_dict`
+    (`plan_official_state_dict`, then each tensor renamed and edited)."""
+    return _apply(plan_official_state_dict(state_dict, model_state_dict, complete), state_dict)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -345,6 +391,14 @@ CLIP_KEYS = (
     "initializer_range",
     "initializer_factor",
 )
+REQUIRED_CLIP_KEYS = (
+    "hidden_size",
+    "image_size",
+    "patch_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+)
 # vision_config keys of the official HoneybeeVisionConfig that are not CLIP's architecture (image_mean/std are
 # returned separately, for the image processor); `dropout` is an old CLIPVisionConfig field no layer reads.
 DEAD_VISION_KEYS = frozenset({"pretrained_vision_name_or_path", "dropout"})
@@ -420,6 +474,11 @@ def official_config_format(official):
     return "head"
 
 
+def projector_section(fmt):
+    """Where the projector's config sits in a config.json of format `fmt` (`official_config_format`)."""
+    return "visual_projector_config" if fmt == "dec2023" else "projector_config"
+
+
 def official_config_to_kwargs(official, allow_unknown=()):
     """An official Honeybee `config.json` (dict) -> (`HoneybeeConfig` kwargs, image mean, image std).
 
@@ -438,7 +497,21 @@ def official_config_to_kwargs(official, allow_unknown=()):
     """
     allow = set(allow_unknown)
     fmt = official_config_format(official)
-    section = "visual_projector_config" if fmt == "dec2023" else "projector_config"
+    section = projector_section(fmt)
+    _check_top_level(official, section, allow)
+    projector = _projector_kwargs(official, fmt, section, allow)
+    vision = _vision_kwargs(official["vision_config"], allow)
+    text = _text_kwargs(official, allow)
+    kwargs = {
+        "vision_config": vision,
+        "projector_config": projector,
+        "text_config": text,
+        "initializer_range": official.get("initializer_range", 0.02),
+    }
+    return kwargs, official["vision_config"].get("image_mean"), official["vision_config"].get("image_std")
+
+
+def _check_top_level(official, section, allow):
     for name in ("vision_config", section, "text_config"):
         if not isinstance(official.get(name), dict):
             raise ValueError(f"config.json has no {name} (a dict)")
@@ -447,7 +520,9 @@ def official_config_to_kwargs(official, allow_unknown=()):
     if official.get("use_decoder_only_language_model") is False:
         raise ValueError("config.json: use_decoder_only_language_model is false; only decoder-only LLMs are supported")
 
-    # ---- projector ----
+
+def _projector_kwargs(official, fmt, section, allow):
+    """`HoneybeeProjectorConfig` kwargs from the projector's section, a missing key taking the official default."""
     pc = official[section]
     projector_type = pc.get("projector_type", "c-abs")
     if projector_type not in ("c-abs", "d-abs"):
@@ -473,6 +548,14 @@ def official_config_to_kwargs(official, allow_unknown=()):
     if missing:
         raise ValueError(f"config.json: {section} lacks {missing}, which a {projector_type} projector needs")
     projector = {k: pc.get(k, defaults.get(k)) for k in own}
+    projector["num_query_tokens"] = _num_query_tokens(official, section)
+    _check_projector_values(projector, section)
+    return projector
+
+
+def _num_query_tokens(official, section):
+    """The number of queries: every place the official code wrote it must agree."""
+    pc = official[section]
     counts = {f"{section}.{k}": pc[k] for k in ("num_query_tokens", "num_queries") if pc.get(k) is not None}
     if official.get("num_query_tokens") is not None:
         counts["config.num_query_tokens"] = official["num_query_tokens"]
@@ -480,13 +563,17 @@ def official_config_to_kwargs(official, allow_unknown=()):
         raise ValueError(f"config.json: no num_query_tokens (top level or {section}) nor {section}.num_queries")
     if len(set(counts.values())) > 1:
         raise ValueError(f"config.json: the number of queries disagrees between {counts}")
-    projector["num_query_tokens"] = next(iter(counts.values()))
+    return next(iter(counts.values()))
+
+
+def _check_projector_values(projector, section):
+    """Refuse the official values this package cannot represent."""
     if not isinstance(projector["feature_layer_index"], int) or isinstance(projector["feature_layer_index"], bool):
         raise ValueError(
             f"config.json: {section}.feature_layer_index = {projector['feature_layer_index']!r}: only one CLIP "
             "layer (an int) is supported, not multi-layer features"
         )
-    if projector_type == "d-abs" and projector["num_feature_levels"] != 1:
+    if projector["projector_type"] == "d-abs" and projector["num_feature_levels"] != 1:
         raise ValueError(
             f"config.json: {section}.num_feature_levels = {projector['num_feature_levels']}: only 1 feature level "
             "is supported (the released D-Abstractors use 1)"
@@ -495,8 +582,9 @@ def official_config_to_kwargs(official, allow_unknown=()):
     if not isinstance(M, int) or M <= 0 or math.isqrt(M) ** 2 != M:
         raise ValueError(f"config.json: the number of queries {M!r} is not a positive perfect square")
 
-    # ---- vision ----
-    vc = official["vision_config"]
+
+def _vision_kwargs(vc, allow):
+    """CLIPVisionConfig kwargs from `vision_config` (only OpenAI CLIP, as released)."""
     _refuse_unknown(
         "vision_config", vc, set(CLIP_KEYS) | DEAD_VISION_KEYS | {"encoder_type", "image_mean", "image_std"}, allow
     )
@@ -505,18 +593,15 @@ def official_config_to_kwargs(official, allow_unknown=()):
             f"config.json: vision_config.encoder_type {vc['encoder_type']!r} is not supported (only 'openai.clip')"
         )
     vision = {k: vc[k] for k in CLIP_KEYS if k in vc}
-    for k in (
-        "hidden_size",
-        "image_size",
-        "patch_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "intermediate_size",
-    ):
+    for k in REQUIRED_CLIP_KEYS:
         if k not in vision:
             raise ValueError(f"config.json: vision_config lacks {k}")
+    return vision
 
-    # ---- language model ----
+
+def _text_kwargs(official, allow):
+    """LlamaConfig kwargs from `text_config` (an untied Llama, as Vicuna); `lm_config` only named where the official
+    code downloaded the LLM from."""
     tc = official["text_config"]
     if tc.get("model_type") != "llama":
         raise ValueError(
@@ -531,20 +616,13 @@ def official_config_to_kwargs(official, allow_unknown=()):
     if not isinstance(lm, dict):
         raise ValueError("config.json: lm_config is not a dict")
     _refuse_unknown("lm_config", lm, DEAD_LM_KEYS, allow)
-
-    kwargs = {
-        "vision_config": vision,
-        "projector_config": projector,
-        "text_config": text,
-        "initializer_range": official.get("initializer_range", 0.02),
-    }
-    return kwargs, vc.get("image_mean"), vc.get("image_std")
+    return text
 
 
 def num_eos_tokens_origin(official):
     """Where `num_eos_tokens` came from, for error messages."""
     fmt = official_config_format(official)
-    section = "visual_projector_config" if fmt == "dec2023" else "projector_config"
+    section = projector_section(fmt)
     if "num_eos_tokens" in official[section]:
         return f"{section}.num_eos_tokens"
     return f"the {'Dec-2023' if fmt == 'dec2023' else 'HEAD'} default (config.json has no {section}.num_eos_tokens)"
@@ -552,7 +630,9 @@ def num_eos_tokens_origin(official):
 
 __all__ = [
     "abstractor_key",
-    "grow_vocab_matrix",
+    "edit_tensor",
+    "edited_parts",
+    "image_token_row",
     "is_stale_buffer",
     "map_official_abstractor",
     "map_official_language_model",
@@ -561,5 +641,6 @@ __all__ = [
     "official_abstractor_key",
     "official_key",
     "num_eos_tokens_origin",
+    "plan_official_state_dict",
     "official_config_to_kwargs",
 ]
