@@ -61,7 +61,7 @@ def main(argv):
     parser = build_parser()
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    from ..export.trained import export_trained, is_package_folder
+    from ..hub.trained import export_trained, is_package_folder
 
     try:
         if args.src.is_dir() and is_package_folder(args.src):

@@ -25,7 +25,7 @@ What happens, in order; every check runs before OUT is touched:
    staging folder that replaces OUT only at the end: a failed or interrupted run leaves OUT as it was.
 
 A folder saved by this package (`model_type: "honeybee"`, e.g. after fine-tuning) is exported the same way
-(`export/trained.py`): loaded, then written with `hub.folder.save_hub_folder`.
+(`hub/trained.py`): loaded, then written with `hub.folder.save_hub_folder`.
 """
 
 import json

@@ -44,7 +44,7 @@ def test_it_shows_every_console_script():
 
 
 def test_named_files_exist():
-    named = set(re.findall(r"\b(?:scripts|examples|benchmarks|tests|export|hub|train|assets)/[\w./*-]*\w", README))
+    named = set(re.findall(r"\b(?:scripts|examples|benchmarks|tests|hub|train|assets)/[\w./*-]*\w", README))
     assert named, "the README names no file"
     missing = sorted(path for path in named if not any(REPO.glob(path)))
     assert not missing, missing

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from ..convert import ConversionError
 from ..convert.conversion import DTYPES
-from ..hub.folder import refuse_existing, save_hub_folder
-from ..hub.model_card import render_model_card
+from .folder import refuse_existing, save_hub_folder
+from .model_card import render_model_card
 
 
 def is_package_folder(src):
