@@ -182,7 +182,7 @@ def main():
         torch.bfloat16,
         C.command_line(),
         [
-            f"{args.repeats} repeats, each tar xzf, cp -r, honeybee-convert in turn; 1-min load average before each "
+            f"{args.repeats} repeats, each {', '.join(runs)} in turn; 1-min load average before each "
             f"repeat and at the end: {', '.join(f'{v:.1f}' for v in loads)} (other developers' processes share the "
             "cores and the disk)",
             f"converted folder: {out_bytes / 1e9:.1f} GB; the archive `{stem}` as written by "
