@@ -112,7 +112,7 @@ def main():
         )
     extra = [
         f"folder: {args.folder.name}; `from_pretrained(dtype=bfloat16, device_map='auto', max_memory={{'cpu': "
-        "BUDGET}}, offload_folder=...)`, each budget in a fresh process",
+        "BUDGET}, offload_folder=...)`, each budget in a fresh process",
         f"one photo ({PHOTO.name}) + '{QUESTION}' = {results[0]['prompt_tokens']} prompt tokens; greedy, "
         f"{args.new_tokens} new tokens; first split's tokens: {results[0]['tokens']}",
         "modules: the entries of `hf_device_map` in memory / on disk; decode s/token: median step; peak RSS: the "
