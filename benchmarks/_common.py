@@ -19,6 +19,7 @@ import importlib.machinery
 import importlib.util
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -286,6 +287,11 @@ def tensor_bytes(module):
             seen.add(key)
             total += t.untyped_storage().nbytes()
     return total
+
+
+def peak_rss_gib():
+    """The process's resident-memory high-water mark (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -67,8 +67,7 @@ def run_split(folder, cpu_memory, new_tokens, offload_folder):
         "tokens": tokens[0, inputs["input_ids"].shape[1] :].tolist(),
         "logits": logits.tolist(),
         "prompt_tokens": inputs["input_ids"].shape[1],
-        "peak_rss_gib": int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
-        / 2**20,
+        "peak_rss_gib": C.peak_rss_gib(),
     }
 
 

@@ -63,11 +63,6 @@ def decode_bytes(llama, tokens):
     return weights + kv
 
 
-def peak_rss_gib():
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 2**20
-
-
 def run_ttft(args):
     dtype = torch.bfloat16
     names = (REFERENCE, *HONEYBEE_7B)
@@ -123,7 +118,7 @@ def run_ttft(args):
         f"memory bandwidth: a copy of a 2 GiB tensor, median of 5, bytes read + written / time: "
         f"**{bandwidth / 1e9:.1f} GB/s**, measured in this run; roofline = bytes one decode step reads (LLM "
         "weights without the embedding + bf16 KV cache at the mean length of the timed steps) / that bandwidth",
-        f"peak RSS of the process: {peak_rss_gib():.2f} GiB (three models sharing one Llama)",
+        f"peak RSS of the process: {C.peak_rss_gib():.2f} GiB (three models sharing one Llama)",
     ]
     lines = C.header("Real size (7B) on CPU: Honeybee vs LLaVA-1.5", CPU, dtype, C.command_line(), extra)
     lines += C.table(
@@ -381,7 +376,7 @@ def run_quant(args):
                 f"{C.median(steps):.3f} ({', '.join(f'{s:.3f}' for s in C.spread(steps))})",
                 f"{drift:.1e}",
                 "yes" if same_top else "no",
-                f"{peak_rss_gib():.1f}",
+                f"{C.peak_rss_gib():.1f}",
             ]
         )
         print(rows[-1], flush=True)
