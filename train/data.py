@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..processing_honeybee import AI, HUMAN, IMAGE_TOKEN, NO_PROMPT, SYSTEM_PROMPT, load_rgb_image
+from ..image_loading_honeybee import load_rgb_image
+from ..processing_honeybee import AI, HUMAN, IMAGE_TOKEN, NO_PROMPT, SYSTEM_PROMPT
 
 logger = logging.getLogger(__name__)
 

@@ -107,6 +107,7 @@ def test_official_archive_folder_contents(official_folder, tmp_path):
             "config.json",
             "configuration_honeybee.py",
             "generation_config.json",
+            "image_loading_honeybee.py",
             "kernels_cabs_adaptive_pool.py",
             "kernels_cabs_dwconv_block.py",
             "kernels_cabs_ln_residual_silu.py",

@@ -22,13 +22,8 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from honeybee_hf.convert.official import official_image_processor
 from honeybee_hf.hub.folder import save_hub_folder
-from honeybee_hf.processing_honeybee import (
-    AI,
-    HUMAN,
-    SYSTEM_PROMPT,
-    HoneybeeProcessor,
-    load_rgb_image,
-)
+from honeybee_hf.image_loading_honeybee import load_rgb_image
+from honeybee_hf.processing_honeybee import AI, HUMAN, SYSTEM_PROMPT, HoneybeeProcessor
 from honeybee_hf.testing_utils import TOY_SPM, tiny_config, tiny_model, tiny_processor
 from utils import OFFICIAL_FIXTURES as FIXTURES
 from utils import PHOTO_DIR
@@ -813,7 +808,7 @@ def http_server(tmp_path, monkeypatch):
     import http.server
     import threading
 
-    import honeybee_hf.processing_honeybee as module
+    import honeybee_hf.image_loading_honeybee as module
 
     monkeypatch.setattr(module, "IMAGE_URL_TIMEOUT", 2.0)
     root = tmp_path / "www"
