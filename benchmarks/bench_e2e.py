@@ -84,6 +84,8 @@ MODELS = {
     "Honeybee-D-M144 @224": ("honeybee", 224, "d-abs", 144),
 }
 REFERENCE = "LLaVA-1.5 @336"
+SAME_RESOLUTION = "LLaVA-1.5 @224 (same res. as M144)"
+C_M144 = "Honeybee-C-M144 @224"  # the model the targets are set for
 
 
 def vision_config(size, image_size):
@@ -407,7 +409,8 @@ def paired_overhead(wrapped_runs, bare_runs):
     return [C.median(w) / C.median(b) - 1 for w, b in zip(wrapped_runs, bare_runs)]
 
 
-def main():
+def parse_args(argv=None):
+    """The command line, with the defaults that depend on `--quick` filled in."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--quick",
@@ -448,137 +451,167 @@ def main():
     parser.add_argument(
         "--out", default=None, help="markdown report (default benchmarks/results/e2e_<size>_<device>.md)"
     )
-    args = parser.parse_args()
-    if args.replot:
-        data = json.loads(Path(args.replot).read_text())
-        print(plot([tuple(r) for r in data["rows"]], args.replot.rsplit(".", 1)[0] + ".png", data["subtitle"]))
-        return
+    args = parser.parse_args(argv)
     args.batch = args.batch or ([1] if args.quick else [1, 8])
     args.new_tokens = args.new_tokens or (8 if args.quick else 32)
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.overhead_repeats = args.overhead_repeats or (4 if args.quick else 12)
+    return args
 
-    C.setup_threads(args.threads)
-    device, dtype = torch.device(args.device), C.parse_dtype(args.dtype)
-    flops = prefill_flops(args.size, dtype, args.batch, args.prompt)
-    if args.flops_only:
-        size = SIZES[args.size]
-        lines = C.header(
-            f"Prefill FLOPs, size `{args.size}` (counted, not timed)",
-            torch.device("meta"),
-            dtype,
-            C.command_line(),
-            [
-                f"size `{args.size}`: CLIP {size['vision']} (patch 14); Llama {size['text']}, vocab {VOCAB}; C-Abs "
-                f"{size['cabs']}; D-Abs {size['dabs']} (fp32)",
-                "torch.utils.flop_counter.FlopCounterMode on the meta device (matmuls, convolutions, attention as full "
-                "T x T): "
-                "the machine plays no part; the LLM part computes logits for the last token only, as generate's "
-                "prefill does",
-            ],
+
+def replot(path):
+    """Redraw the plot of a run from the .json it wrote next to its report -> the plot's path (None without
+    matplotlib)."""
+    data = json.loads(Path(path).read_text())
+    return plot([tuple(r) for r in data["rows"]], path.rsplit(".", 1)[0] + ".png", data["subtitle"])
+
+
+def size_description(size_name):
+    size = SIZES[size_name]
+    return (
+        f"size `{size_name}`: CLIP {size['vision']} (patch 14); Llama {size['text']}, vocab {VOCAB}; C-Abs "
+        f"{size['cabs']}; D-Abs {size['dabs']} (fp32)"
+    )
+
+
+def flops_report(args, dtype, flops):
+    """The `--flops-only` report: the run header and the FLOPs table."""
+    lines = C.header(
+        f"Prefill FLOPs, size `{args.size}` (counted, not timed)",
+        torch.device("meta"),
+        dtype,
+        C.command_line(),
+        [
+            size_description(args.size),
+            "torch.utils.flop_counter.FlopCounterMode on the meta device (matmuls, convolutions, attention as full "
+            "T x T): "
+            "the machine plays no part; the LLM part computes logits for the last token only, as generate's "
+            "prefill does",
+        ],
+    )
+    return lines + flops_table(flops, args.batch, args.prompt)
+
+
+def part1_rows(stats, batch, prompt, flops, weights, clocks):
+    """Part 1 of one case (batch, prompt): its table rows, and the ratios to LLaVA@336 that the plot draws."""
+    ref = stats[REFERENCE]
+    rows, plot_rows = [], []
+    for name in MODELS:
+        s = stats[name]
+        row = [
+            batch,
+            prompt,
+            name,
+            MODELS[name][3],
+            MODELS[name][3] + prompt,
+            f"{flops[(batch, prompt, name)][1] / flops[(batch, prompt, REFERENCE)][1]:.2f}",
+        ]
+        w = s["wall"]
+        row += [C.fmt_ms(C.median(w["ttft"]), w["ttft"])]
+        row += [" / ".join(f"{C.median(s[c]['ttft']) / C.median(ref[c]['ttft']):.2f}" for c in clocks)]
+        rates = [batch * len(r) / sum(r) for r in w["steps"]]
+        lo, hi = C.spread(rates)
+        row += [f"{batch / step_time(w['steps']):.1f} ({lo:.3g}–{hi:.3g})"]
+        row += [" / ".join(f"{step_time(ref[c]['steps']) / step_time(s[c]['steps']):.2f}" for c in clocks)]
+        row += [C.fmt_mib(weights[name] + s["peak"]), C.fmt_mib(s["peak"])]
+        rows.append(row)
+        plot_rows.append(
+            (
+                batch,
+                prompt,
+                name,
+                {c: C.median(s[c]["ttft"]) / C.median(ref[c]["ttft"]) for c in clocks},
+                {c: step_time(ref[c]["steps"]) / step_time(s[c]["steps"]) for c in clocks},
+            )
         )
-        lines += flops_table(flops, args.batch, args.prompt)
-        print("\n".join(lines))
-        out = args.out or (C.RESULTS / f"e2e_{args.size}_flops.md")
-        C.write_report(lines, out)
-        print(f"\nwrote {out}")
-        return
-    # CPU time of the process is blind to other processes taking the cores; on a GPU it means nothing.
-    clocks = ("wall", "cpu") if device.type == "cpu" else ("wall",)
+    return rows, plot_rows
+
+
+def ttft_verdict(stats, batch, prompt, clocks):
+    """The TTFT target of one case: C-M144 at most 0.4x LLaVA@336 (and, for reference, the same-resolution ratio)."""
+    ratios = {c: C.median(stats[C_M144][c]["ttft"]) / C.median(stats[REFERENCE][c]["ttft"]) for c in clocks}
+    same = {c: C.median(stats[C_M144][c]["ttft"]) / C.median(stats[SAME_RESOLUTION][c]["ttft"]) for c in clocks}
+    met = [r <= 0.4 for r in ratios.values()]
+    verdict = "met" if all(met) else "MISSED" if not any(met) else "met on one clock only"
+    return (
+        f"B={batch} L={prompt}: TTFT C-M144 / LLaVA@336 = "
+        + " / ".join(f"{ratios[c]:.2f} ({c})" for c in clocks)
+        + f" -> target <= 0.4 {verdict}"
+        + "; C-M144 / LLaVA@224 (same resolution) = "
+        + " / ".join(f"{same[c]:.2f} ({c})" for c in clocks)
+    )
+
+
+def part2_rows(overhead, batch, prompt, clocks):
+    """Part 2 of one case from `measure_overhead`'s results: its table rows, and the verdict on the wrapper-overhead
+    target (C-M144 at most +2% of a bare step)."""
+    rows, verdicts = [], []
+    for wrapped, st in overhead:
+        w, b = st["wrapped"], st["bare"]
+        row = [
+            batch,
+            prompt,
+            wrapped,
+            MODELS[wrapped][3] + prompt,
+            f"{step_time(w['wall']['steps']) * 1e3:.2f}",
+            f"{step_time(b['wall']['steps']) * 1e3:.2f}",
+        ]
+        overheads = {}
+        for c in clocks:
+            paired = paired_overhead(w[c]["steps"], b[c]["steps"])
+            overheads[c] = C.median(paired)
+            lo, hi = C.spread(paired)
+            row.append(f"{overheads[c] * 100:+.1f}% ({lo * 100:+.1f} to {hi * 100:+.1f})")
+        clock = clocks[-1]  # CPU time on a CPU, wall on a GPU
+        per_run = lambda runs: C.median([C.median(r) for r in runs])
+        outside_w, outside_b = per_run(w[clock]["outside"]), per_run(b[clock]["outside"])
+        deltas = [C.median(x) - C.median(y) for x, y in zip(w[clock]["outside"], b[clock]["outside"])]
+        delta, bare_step = C.median(deltas), step_time(b[clock]["steps"])
+        lo, hi = C.spread(deltas)
+        row += [
+            f"{outside_w * 1e6:.0f} / {outside_b * 1e6:.0f}",
+            f"{delta * 1e6:+.0f} ({lo * 1e6:+.0f} to {hi * 1e6:+.0f})",
+            f"{delta / bare_step * 100:+.2f}%",
+        ]
+        rows.append(row)
+        if wrapped == C_M144:
+            verdicts.append(
+                f"B={batch} L={prompt}: Honeybee decode step vs bare Llama: the wrapper costs "
+                f"{delta * 1e6:+.0f} µs per step outside the LLM "
+                f"({clock} clock) = {delta / bare_step * 100:+.2f}% of a bare step -> target <= +2% "
+                f"{'met' if delta / bare_step <= 0.02 else 'MISSED'}; "
+                "whole steps compared directly: " + " / ".join(f"{overheads[c] * 100:+.1f}% ({c})" for c in clocks)
+            )
+    return rows, verdicts
+
+
+def measure(args, device, dtype, flops, clocks):
+    """Both parts for every case (batch, prompt) -> (part 1 rows, part 2 rows, plot rows, target verdicts)."""
     models, llama = build_models(args.size, device, dtype)
     weights = {name: C.tensor_bytes(m) for name, m in models.items()}
-
     part1, part2, plot_rows, verdicts = [], [], [], []
-    c144, ref_name, same_res = "Honeybee-C-M144 @224", REFERENCE, "LLaVA-1.5 @224 (same res. as M144)"
     for batch in args.batch:
         for prompt in args.prompt:
             variants = {name: (m, MODELS[name][0], MODELS[name][3], MODELS[name][1]) for name, m in models.items()}
             stats = run_case(variants, batch, prompt, args, device, dtype, clocks)
-            ref = stats[ref_name]
-            for name in MODELS:
-                s = stats[name]
-                row = [
-                    batch,
-                    prompt,
-                    name,
-                    MODELS[name][3],
-                    MODELS[name][3] + prompt,
-                    f"{flops[(batch, prompt, name)][1] / flops[(batch, prompt, ref_name)][1]:.2f}",
-                ]
-                w = s["wall"]
-                row += [C.fmt_ms(C.median(w["ttft"]), w["ttft"])]
-                row += [" / ".join(f"{C.median(s[c]['ttft']) / C.median(ref[c]['ttft']):.2f}" for c in clocks)]
-                rates = [batch * len(r) / sum(r) for r in w["steps"]]
-                lo, hi = C.spread(rates)
-                row += [f"{batch / step_time(w['steps']):.1f} ({lo:.3g}–{hi:.3g})"]
-                row += [" / ".join(f"{step_time(ref[c]['steps']) / step_time(s[c]['steps']):.2f}" for c in clocks)]
-                row += [C.fmt_mib(weights[name] + s["peak"]), C.fmt_mib(s["peak"])]
-                part1.append(row)
-                plot_rows.append(
-                    (
-                        batch,
-                        prompt,
-                        name,
-                        {c: C.median(s[c]["ttft"]) / C.median(ref[c]["ttft"]) for c in clocks},
-                        {c: step_time(ref[c]["steps"]) / step_time(s[c]["steps"]) for c in clocks},
-                    )
-                )
-            ratios = {c: C.median(stats[c144][c]["ttft"]) / C.median(ref[c]["ttft"]) for c in clocks}
-            same = {c: C.median(stats[c144][c]["ttft"]) / C.median(stats[same_res][c]["ttft"]) for c in clocks}
-            met = [r <= 0.4 for r in ratios.values()]
-            verdict = "met" if all(met) else "MISSED" if not any(met) else "met on one clock only"
-            verdicts.append(
-                f"B={batch} L={prompt}: TTFT C-M144 / LLaVA@336 = "
-                + " / ".join(f"{ratios[c]:.2f} ({c})" for c in clocks)
-                + f" -> target <= 0.4 {verdict}"
-                + "; C-M144 / LLaVA@224 (same resolution) = "
-                + " / ".join(f"{same[c]:.2f} ({c})" for c in clocks)
-            )
-            pairs = [(c144, models[c144], 144, 224), (ref_name, models[ref_name], 576, 336)]
-            for wrapped, st in measure_overhead(pairs, llama, batch, prompt, args, device, dtype, clocks):
-                w, b = st["wrapped"], st["bare"]
-                row = [
-                    batch,
-                    prompt,
-                    wrapped,
-                    MODELS[wrapped][3] + prompt,
-                    f"{step_time(w['wall']['steps']) * 1e3:.2f}",
-                    f"{step_time(b['wall']['steps']) * 1e3:.2f}",
-                ]
-                overheads = {}
-                for c in clocks:
-                    paired = paired_overhead(w[c]["steps"], b[c]["steps"])
-                    overheads[c] = C.median(paired)
-                    lo, hi = C.spread(paired)
-                    row.append(f"{overheads[c] * 100:+.1f}% ({lo * 100:+.1f} to {hi * 100:+.1f})")
-                clock = clocks[-1]  # CPU time on a CPU, wall on a GPU
-                per_run = lambda runs: C.median([C.median(r) for r in runs])
-                outside_w, outside_b = per_run(w[clock]["outside"]), per_run(b[clock]["outside"])
-                deltas = [C.median(x) - C.median(y) for x, y in zip(w[clock]["outside"], b[clock]["outside"])]
-                delta, bare_step = C.median(deltas), step_time(b[clock]["steps"])
-                lo, hi = C.spread(deltas)
-                row += [
-                    f"{outside_w * 1e6:.0f} / {outside_b * 1e6:.0f}",
-                    f"{delta * 1e6:+.0f} ({lo * 1e6:+.0f} to {hi * 1e6:+.0f})",
-                    f"{delta / bare_step * 100:+.2f}%",
-                ]
-                part2.append(row)
-                if wrapped == c144:
-                    verdicts.append(
-                        f"B={batch} L={prompt}: Honeybee decode step vs bare Llama: the wrapper costs "
-                        f"{delta * 1e6:+.0f} µs per step outside the LLM "
-                        f"({clock} clock) = {delta / bare_step * 100:+.2f}% of a bare step -> target <= +2% "
-                        f"{'met' if delta / bare_step <= 0.02 else 'MISSED'}; "
-                        "whole steps compared directly: "
-                        + " / ".join(f"{overheads[c] * 100:+.1f}% ({c})" for c in clocks)
-                    )
+            rows, plotted = part1_rows(stats, batch, prompt, flops, weights, clocks)
+            part1 += rows
+            plot_rows += plotted
+            verdicts.append(ttft_verdict(stats, batch, prompt, clocks))
+            pairs = [(C_M144, models[C_M144], 144, 224), (REFERENCE, models[REFERENCE], 576, 336)]
+            overhead = measure_overhead(pairs, llama, batch, prompt, args, device, dtype, clocks)
+            rows, overhead_verdicts = part2_rows(overhead, batch, prompt, clocks)
+            part2 += rows
+            verdicts += overhead_verdicts
             print(f"done B={batch} L={prompt}", flush=True)
+    return part1, part2, plot_rows, verdicts
 
-    size = SIZES[args.size]
+
+def report(args, device, dtype, clocks, part1, part2, verdicts):
+    """The markdown report: the run header with what was measured how, the tables of both parts, the targets."""
     clock_note = " / ".join(clocks)
     extra = [
-        f"size `{args.size}`: CLIP {size['vision']} (patch 14); Llama {size['text']}, vocab {VOCAB}; C-Abs "
-        f"{size['cabs']}; D-Abs {size['dabs']} (fp32)",
+        size_description(args.size),
         f"generate: greedy, exactly {args.new_tokens} new tokens, sdpa attention, KV cache; {args.warmup} short "
         f"warm-up + {args.repeats} timed calls per variant, variants interleaved (A B C ... then ... C B A)",
         "TTFT = median time from the generate call to the first token (vision tower + projector + LLM prefill); "
@@ -647,8 +680,11 @@ def main():
         ],
         part2,
     )
-    lines += ["", "### Targets", ""] + [f"- {v}" for v in verdicts]
-    print("\n".join(lines))
+    return lines + ["", "### Targets", ""] + [f"- {v}" for v in verdicts]
+
+
+def save_results(lines, plot_rows, args, device):
+    """The report, the plot's data (.json, what `--replot` reads) and the plot, side by side."""
     out = args.out or (C.RESULTS / f"e2e_{args.size}_{device.type}{'_quick' if args.quick else ''}.md")
     C.write_report(lines, out)
     subtitle = f"size {args.size}, {C.machine_description(device)}, {args.dtype}"
@@ -691,6 +727,31 @@ def plot(rows, path, subtitle):
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
     return path
+
+
+def main():
+    args = parse_args()
+    if args.replot:
+        print(replot(args.replot))
+        return
+
+    C.setup_threads(args.threads)
+    device, dtype = torch.device(args.device), C.parse_dtype(args.dtype)
+    flops = prefill_flops(args.size, dtype, args.batch, args.prompt)
+    if args.flops_only:
+        lines = flops_report(args, dtype, flops)
+        print("\n".join(lines))
+        out = args.out or (C.RESULTS / f"e2e_{args.size}_flops.md")
+        C.write_report(lines, out)
+        print(f"\nwrote {out}")
+        return
+
+    # CPU time of the process is blind to other processes taking the cores; on a GPU it means nothing.
+    clocks = ("wall", "cpu") if device.type == "cpu" else ("wall",)
+    part1, part2, plot_rows, verdicts = measure(args, device, dtype, flops, clocks)
+    lines = report(args, device, dtype, clocks, part1, part2, verdicts)
+    print("\n".join(lines))
+    save_results(lines, plot_rows, args, device)
 
 
 if __name__ == "__main__":
