@@ -7,6 +7,9 @@ batches of `--batch-size` through `generate`; vLLM gets them all at once and sch
 
     # CPU, a tiny random Honeybee (head_dim 32) built on the fly; < 3 min on 2 cores:
     .venvs/vllm/bin/python benchmarks/bench_vllm.py
+    # CPU, the 7B converted from its archive (benchmarks/README.md), bf16; ~25 min on 2 cores, ~21 GiB:
+    .venvs/vllm/bin/python benchmarks/bench_vllm.py --model /big/hb-c-7b --dtype bfloat16 --requests 8 \\
+        --max-tokens 32 --batch-size 8
     # GPU, a converted 7B checkpoint (official vllm wheel), 2 GPUs for vLLM:
     python benchmarks/bench_vllm.py --model Honeybee-C-7B-M144 --dtype bfloat16 --requests 256 --max-tokens 128 \\
         --batch-size 16 --tensor-parallel-size 2
