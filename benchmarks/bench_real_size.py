@@ -333,8 +333,13 @@ def timings(fn, repeats):
 
 
 def quantize_llm(model, method):
-    """Every linear layer of the LLM's decoder through QUANTIZERS[method]; lm_head, CLIP and the projector stay."""
+    """Every linear layer of the LLM's decoder through QUANTIZERS[method]; lm_head, CLIP and the projector stay.
+    A COMPILED path compiles each quantized linear layer on its own, as `kernels` does: the 224 layers share one
+    `forward`, so dynamo compiles one graph per weight shape (three) and input length; a compiled decoder layer would
+    be specialised on its `layer_idx`, one graph per layer, past dynamo's recompile limit."""
     quantize = QUANTIZERS[method]
+    if method in COMPILED:
+        quantize = lambda module, plain=quantize: torch.compile(plain(module))  # noqa: E731
     for layer in model.model.language_model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name, child in list(parent.named_children()):
