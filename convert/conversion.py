@@ -83,10 +83,11 @@ def convert_official_checkpoint(
     max_shard_size = parse_size(max_shard_size)
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    backend = load_tokenizer(tokenizer)  # before the archive: a wrong path must not wait for a 26 GB stream
     with open_checkpoint(src, work_dir or out.resolve().parent, progress) as checkpoint:
         text, found_name = checkpoint.config_text()
         official, kwargs, image_mean, image_std = read_official_config(text, src, allow_unknown_config_keys)
-        backend = tokenizer_backend(tokenizer, kwargs["text_config"]["vocab_size"], kwargs["text_config"])
+        check_tokenizer(backend, tokenizer, kwargs["text_config"])
         config = honeybee_config(kwargs)
         target = meta_state_dict(config)
         files, index, index_name = checkpoint.weights_index()
@@ -134,15 +135,21 @@ def honeybee_config(kwargs):
         raise ConversionError(f"config.json: {error}") from error
 
 
-def tokenizer_backend(source, vocab_size, text_config):
-    """The tokenizer's `tokenizers.Tokenizer`, checked against the checkpoint's vocabulary and special ids."""
-    from ..processing_honeybee import IMAGE_TOKEN
+def load_tokenizer(source):
+    """The tokenizer's `tokenizers.Tokenizer`."""
     from .tokenizer import load_backend
 
     try:
-        backend = load_backend(source)
+        return load_backend(source)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as error:
         raise ConversionError(f"cannot load the tokenizer {source}: {error}") from error
+
+
+def check_tokenizer(backend, source, text_config):
+    """The tokenizer `backend` (read from `source`) must match the checkpoint's vocabulary and special ids."""
+    from ..processing_honeybee import IMAGE_TOKEN
+
+    vocab_size = text_config["vocab_size"]
     size = backend.get_vocab_size(with_added_tokens=True)
     image_id = backend.token_to_id(IMAGE_TOKEN)
     if image_id is not None and image_id != size - 1:
@@ -161,7 +168,6 @@ def tokenizer_backend(source, vocab_size, text_config):
                 f"the tokenizer {source} has {token} at id {backend.token_to_id(token)} but the checkpoint's "
                 f"text_config.{name} is {expected}"
             )
-    return backend
 
 
 def check_eos_tokens(official, config, table):

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from check_official_parity import compare
 from honeybee_hf.convert import ConversionError, convert_official_checkpoint, weight_files
 from honeybee_hf.convert import archive as archive_module
+from honeybee_hf.convert import conversion as conversion_module
 from honeybee_hf.convert import writer as writer_module
 from honeybee_hf.convert.cli import main
 from honeybee_hf.convert.official import UNUSED_VISION_PREFIX, official_config_to_kwargs, official_key
@@ -595,6 +596,21 @@ def test_missing_and_truncated_shards_are_refused(tmp_path):
     second.write_bytes(data[: len(data) // 2])
     with pytest.raises(ConversionError, match=r"pytorch_model-00002-of-00003\.bin.*truncated or corrupt"):
         convert_official_checkpoint(last, tmp_path / "out", TOY_SPM, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_tokenizer_is_refused_before_the_checkpoint_is_read(tmp_path, monkeypatch):
+    make_official_checkpoint(tmp_path / "src", "early")
+    archive = make_archive(tmp_path / "src" / "early", tmp_path / "early.tar.gz")
+    opened, open_checkpoint = [], conversion_module.open_checkpoint
+    monkeypatch.setattr(
+        conversion_module,
+        "open_checkpoint",
+        lambda *args, **kwargs: opened.append(args) or open_checkpoint(*args, **kwargs),
+    )
+    with pytest.raises(ConversionError, match="cannot load the tokenizer"):
+        convert_official_checkpoint(archive, tmp_path / "out", tmp_path / "nowhere.model", progress=False)
+    assert opened == []  # a release archive is 14-27 GB: a wrong tokenizer path must not wait for it
     assert not (tmp_path / "out").exists()
 
 
