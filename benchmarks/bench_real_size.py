@@ -8,12 +8,13 @@ the counted prefill-FLOP ratio, decode s/token, and decode against the roofline:
 (the LLM's weights except the embedding, of which it reads one row, plus the KV cache) over the memory bandwidth
 measured in the same run (a large tensor copy).
 
-`kernels`: one decode token through every linear layer shape of the 7B LLM (q/k/v/o 4096x4096, gate/up
-11008x4096, down 4096x11008, x 32 layers; lm_head stays bf16, as transformers' quantizers leave it) with each
-quantized CPU path: bf16, torchao int8 weight-only (eager and `torch.compile`d), torchao int4 weight-only (its
-CPU tinygemm layout), torchao int8-activation int4-weight (its CPU kernel), bitsandbytes 8-bit and NF4 on its CPU
-backend, and `aten._weight_int8pack_mm` (the CPU int8 kernel inductor lowers weight-only int8 to; no library calls
-it in eager mode). The sum over the layers is the LLM's decode time per token without attention and glue.
+`kernels`: one decode token through every linear layer shape of the 7B LLM (q/k/v/o 4096x4096, gate/up 11008x4096,
+down 4096x11008, x 32 layers; lm_head stays bf16, as transformers' quantizers leave it) with each CPU path: bf16,
+bf16 with a `torch.compile`d matrix-vector product (`CompiledGemvLinear`), torchao int8 weight-only (eager and
+`torch.compile`d), torchao int4 weight-only (its CPU tinygemm layout), torchao int8-activation int4-weight (its CPU
+kernel), bitsandbytes 8-bit and NF4 on its CPU backend, and `aten._weight_int8pack_mm` (the CPU int8 kernel inductor
+lowers weight-only int8 to; no library calls it in eager mode). The sum over the layers is the LLM's decode time per
+token without attention and glue.
 
 `quant`: C-7B-M144 end to end with the paths of `kernels` (`--methods`): TTFT, decode s/token and the drift of the
 first token's logits against bf16, on the same weights and inputs.
@@ -61,6 +62,12 @@ def decode_bytes(llama, tokens):
     head_dim = config.hidden_size // config.num_attention_heads
     kv = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * tokens * 2  # K and V, bf16
     return weights + kv
+
+
+def step_bytes(llama, tokens, method):
+    """decode_bytes with the decoder's linear weights at the bits per weight of quantized path `method`."""
+    linear = sum(C.tensor_bytes(m) for m in llama.model.layers.modules() if isinstance(m, torch.nn.Linear))
+    return decode_bytes(llama, tokens) - linear * (1 - BITS.get(method, 8) / 16)
 
 
 def run_ttft(args):
@@ -198,8 +205,32 @@ class Int8PackLinear(torch.nn.Module):
         )
 
 
+@torch.compile(dynamic=False)
+def _gemv(x, weight):
+    """`x (1, in) @ weight.T` as a product and a sum: inductor writes this as one vectorised loop with fp32
+    accumulation that streams the bf16 weights at close to the copy bandwidth, where `aten::mm` for one row (oneDNN's
+    bf16 path) streams them at about half of it (see `kernels`)."""
+    return (x.float().unsqueeze(-2) * weight.float()).sum(-1).to(x.dtype)
+
+
+class CompiledGemvLinear(torch.nn.Module):
+    """bf16 weights, unchanged; a single row (a decode step at batch 1) goes through `_gemv`, anything longer (the
+    prefill) through `F.linear`, where one pass of a GEMM serves every row."""
+
+    def __init__(self, linear):
+        super().__init__()
+        assert linear.bias is None, "the Llama's linear layers have no bias"
+        self.weight = linear.weight
+
+    def forward(self, x):
+        if x.numel() != x.shape[-1]:
+            return torch.nn.functional.linear(x, self.weight)
+        return _gemv(x.reshape(1, -1), self.weight).reshape(*x.shape[:-1], -1)
+
+
 QUANTIZERS = {
     "bf16": lambda module: module,
+    "bf16-gemv-compiled": CompiledGemvLinear,
     "torchao-int8": _torchao("int8"),
     "torchao-int8-compiled": _torchao("int8"),
     "torchao-int4": _torchao("int4"),
@@ -209,7 +240,7 @@ QUANTIZERS = {
     "aten-int8pack": Int8PackLinear,
 }
 COMPILED = {"torchao-int8-compiled"}  # the quantized layers run under torch.compile (inductor)
-BITS = {"bf16": 16, "bnb-nf4": 4, "torchao-int4": 4, "torchao-da8w4": 4}
+BITS = {"bf16": 16, "bf16-gemv-compiled": 16, "bnb-nf4": 4, "torchao-int4": 4, "torchao-da8w4": 4}
 
 
 class Copies(torch.nn.Module):
@@ -356,9 +387,10 @@ def run_quant(args):
     rows, reference = [], None
     for method in args.methods:
         torch.manual_seed(0)  # the same weights for every path
-        models, _ = build_models(args.size, CPU, dtype, (name,))
+        models, llama = build_models(args.size, CPU, dtype, (name,))
+        roofline = step_bytes(llama, inputs["input_ids"].shape[1] + NEW_TOKENS / 2, method) / bandwidth
         model = quantize_llm(models[name], method)
-        del models
+        del models, llama  # the model holds the Llama; no other reference may keep it past this path
         with torch.no_grad():
             start = time.perf_counter()
             logits = model(**inputs).logits[0, -1].float()
@@ -379,6 +411,8 @@ def run_quant(args):
                 f"{first_forward:.1f}",
                 f"{C.median(ttfts):.2f} ({', '.join(f'{t:.2f}' for t in ttfts)})",
                 f"{C.median(steps):.3f} ({', '.join(f'{s:.3f}' for s in C.spread(steps))})",
+                f"{roofline:.3f}",
+                f"{C.median(steps) / roofline:.2f}",
                 f"{drift:.1e}",
                 "yes" if same_top else "no",
                 f"{C.peak_rss_gib():.1f}",
@@ -393,8 +427,9 @@ def run_quant(args):
         f"batch 1, random pixels, {args.prompt[0]} random text ids; first forward = the first call after quantizing "
         f"(compilation included); TTFT and decode from {args.repeats} greedy generates of {NEW_TOKENS} tokens after "
         "a 2-token warm-up; drift: relative L2 distance of the prompt's last-position logits from bf16's",
-        f"memory bandwidth (copy of 2 GiB, read + write): {bandwidth / 1e9:.1f} GB/s; peak RSS is the process's "
-        "high-water mark so far (it includes the paths before)",
+        f"memory bandwidth (copy of 2 GiB, read + write): {bandwidth / 1e9:.1f} GB/s; roofline = bytes one decode "
+        "step reads (as in `ttft`, with the decoder's linear weights at the path's bits per weight, scales not "
+        "counted) / that bandwidth; peak RSS is the process's high-water mark so far (it includes the paths before)",
     ]
     lines = C.header("7B decode end to end, quantized CPU paths", CPU, dtype, C.command_line(), extra)
     lines += C.table(
@@ -403,6 +438,8 @@ def run_quant(args):
             "first forward s",
             "TTFT s (runs)",
             "decode s/token (p20–p80)",
+            "roofline s/token",
+            "measured / roofline",
             "logit drift vs bf16",
             "same top token",
             "peak RSS GiB",
