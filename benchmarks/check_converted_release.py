@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from bench_e2e import Stamps  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
+from transformers import AutoModelForImageTextToText, AutoProcessor, StoppingCriteriaList  # noqa: E402
 from write_official_archive import OFFICIAL_VOCAB, release_config  # noqa: E402
 
 from honeybee_hf.convert.official import map_official_state_dict  # noqa: E402
@@ -66,17 +67,26 @@ def main():
         start = time.perf_counter()
         logits = model(**inputs).logits
         forward_s = time.perf_counter() - start
-        times, tokens = {1: [], 5: []}, None
-        for _ in range(3):  # decode s/token = the difference of the medians over the 4 extra tokens
-            for new_tokens in (1, 5):
-                start = time.perf_counter()
-                tokens = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-                times[new_tokens].append(time.perf_counter() - start)
-        times = {n: statistics.median(runs) for n, runs in times.items()}
+        first_token, steps, tokens = [], [], None
+        for _ in range(3):  # each token time-stamped as it exists, so decode is measured, not a difference of runs
+            stamps = Stamps(torch.device("cpu"), ("wall",))
+            start = time.perf_counter()
+            tokens = model.generate(
+                **inputs,
+                max_new_tokens=5,
+                min_new_tokens=5,
+                do_sample=False,
+                stopping_criteria=StoppingCriteriaList([stamps]),
+            )
+            stamps = stamps.times["wall"]
+            first_token.append(stamps[0] - start)
+            steps.extend(b - a for a, b in zip(stamps, stamps[1:]))
     length = inputs["input_ids"].shape[1]
     print(f"prompt {length} tokens: forward {forward_s:.1f} s, logits finite: {bool(torch.isfinite(logits).all())}")
-    decode = (times[5] - times[1]) / 4
-    print(f"generate: first token {times[1]:.1f} s, decode {decode:.2f} s/token (medians of 3, interleaved)")
+    print(
+        f"generate: first token {statistics.median(first_token):.1f} s, decode {statistics.median(steps):.2f} "
+        "s/token (medians of 3 runs of 5 tokens)"
+    )
     print(f"greedy tokens {tokens[0, length:].tolist()}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(
