@@ -716,9 +716,7 @@ class HoneybeeModel(HoneybeePreTrainedModel):
     def set_decoder(self, decoder):
         self.language_model = decoder
 
-    def get_image_features(
-        self, pixel_values, return_dict=None, output_hidden_states=None, output_attentions=None, **kwargs
-    ):
+    def get_image_features(self, pixel_values, return_dict=None, **kwargs):
         """(num_images, 3, S, S) normalised pixels -> the visual tokens for the LLM, (num_images, M + n_eos, D), as
         LLaVA's on each transformers version (`transformers_compat.image_features_output`).
 
@@ -734,6 +732,9 @@ class HoneybeeModel(HoneybeePreTrainedModel):
                 f"pixel_values must have shape (num_images, 3, {S}, {S}), got {tuple(pixel_values.shape)}; "
                 f"prepare images with HoneybeeProcessor, which resizes them to {S}x{S}"
             )
+        # Read from kwargs, as LLaVA's: generate on 5.x hands this method the model kwargs its signature names and
+        # then drops them from the LLM's, so named here they would cost `generate(output_attentions=True)` the LLM's.
+        output_hidden_states, output_attentions = kwargs.get("output_hidden_states"), kwargs.get("output_attentions")
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         if output_attentions is None:
@@ -776,23 +777,32 @@ class HoneybeeModel(HoneybeePreTrainedModel):
         past_key_values=None,
         inputs_embeds=None,
         use_cache=None,
+        mm_encoder_outputs=None,
         **kwargs,
     ):
         r"""`input_ids` (or `inputs_embeds`) hold `num_visual_tokens` placeholders per image (HoneybeeProcessor
-        writes them) and `pixel_values` the images in order; the projector outputs overwrite the placeholders."""
+        writes them) and `pixel_values` the images in order; the projector outputs overwrite the placeholders.
+        `mm_encoder_outputs` = `{"image": get_image_features(pixel_values, return_dict=True)}` instead of the
+        pixels: images encoded once, as generate does on transformers 5 before the prefill."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
+        encoded = (mm_encoder_outputs or {}).get("image")
+        if pixel_values is not None and encoded is not None:
+            raise ValueError("give the images either as pixel_values or as mm_encoder_outputs, not both")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         image_features = None
         # Checks that read tensor values are skipped under torch.compile (no graph break; the processor is trusted).
         checking = not torch.compiler.is_compiling()
         if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values, return_dict=True).pooler_output  # (n_img, M, D)
+            encoded = self.get_image_features(pixel_values, return_dict=True)
+        if encoded is not None:
+            image_features = encoded.pooler_output  # (n_img, M, D)
             slots = self.get_placeholder_mask(input_ids, inputs_embeds)
             if checking:
-                self.check_image_count(int(slots.sum()), pixel_values.shape[0])
-            inputs_embeds = inputs_embeds.masked_scatter(slots[..., None], image_features.to(inputs_embeds.dtype))
+                self.check_image_count(int(slots.sum()), image_features.shape[0])
+            image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(slots[..., None], image_features)
         elif checking and input_ids is not None and not _continues_a_sequence(past_key_values):
             # Only a prompt must come with its images: a decode step's token is the model's own output, and the
             # vocabulary holds `<image>` (a random-weight 7B does generate it).
@@ -889,6 +899,7 @@ class HoneybeeForConditionalGeneration(HoneybeePreTrainedModel, GenerationMixin)
         labels=None,
         use_cache=None,
         logits_to_keep=0,
+        mm_encoder_outputs=None,
         **kwargs,
     ):
         r"""`input_ids` hold `num_visual_tokens` placeholders per image (HoneybeeProcessor writes them) and
@@ -904,6 +915,7 @@ class HoneybeeForConditionalGeneration(HoneybeePreTrainedModel, GenerationMixin)
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            mm_encoder_outputs=mm_encoder_outputs,
             return_dict=True,
             **kwargs,
         )
@@ -924,13 +936,16 @@ class HoneybeeForConditionalGeneration(HoneybeePreTrainedModel, GenerationMixin)
         )
         return outputs
 
-    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, pixel_values=None, **kwargs):
+    def prepare_inputs_for_generation(
+        self, input_ids, inputs_embeds=None, pixel_values=None, mm_encoder_outputs=None, **kwargs
+    ):
         # kwargs differ between transformers 4 (cache_position) and 5 (next_sequence_length): pass them through.
         # `inputs_embeds` is named: generate refuses it for models whose signature here lacks it.
         model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
         cache = kwargs.get("past_key_values")
         prefill = cache is None or cache.get_seq_length() == 0
         model_inputs["pixel_values"] = pixel_values if prefill else None
+        model_inputs["mm_encoder_outputs"] = mm_encoder_outputs if prefill else None
         return model_inputs
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):

@@ -305,6 +305,36 @@ def test_beam_search_copies_see_their_own_images(projector_type):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=f"row {row}")
 
 
+@pytest.mark.parametrize("projector_type", PROJECTORS)
+def test_images_encoded_once_give_what_their_pixels_give(projector_type):
+    """`mm_encoder_outputs`, as LLaVA takes it on transformers 5: images encoded by `get_image_features` beforehand
+    (5.x's generate does so itself before the prefill) give the logits and tokens their pixels give."""
+    model, processor = build(projector_type, seed=6)
+    model.set_attn_implementation("eager")  # attention weights come from eager attention only
+    batch = mixed_batch(processor)
+    pixels = batch.pop("pixel_values")
+
+    def encoded():
+        with torch.no_grad():
+            return {"image": model.get_image_features(pixels, return_dict=True)}
+
+    with torch.no_grad():
+        reference = model(**batch, pixel_values=pixels)
+        got = model(**batch, mm_encoder_outputs=encoded())
+    torch.testing.assert_close(got.logits, reference.logits, rtol=0, atol=0)
+    torch.testing.assert_close(got.image_hidden_states, reference.image_hidden_states, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="either as pixel_values or as mm_encoder_outputs"):
+        model(**batch, pixel_values=pixels, mm_encoder_outputs=encoded())
+    options = dict(max_new_tokens=4, do_sample=False, output_attentions=True, return_dict_in_generate=True)
+    want = model.generate(**batch, pixel_values=pixels, **options)
+    out = model.generate(**batch, mm_encoder_outputs=encoded(), **options)
+    assert out.sequences.tolist() == want.sequences.tolist()
+    # generate hands get_image_features the kwargs it names: output_attentions must still reach the LLM
+    assert len(out.attentions[0]) == len(want.attentions[0]) == model.config.text_config.num_hidden_layers
+    if not TF4:  # 4.57's generate has no pre-encoding
+        assert model._supports_mm_encoder_outputs()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # torch.compile
 # ---------------------------------------------------------------------------------------------------------
