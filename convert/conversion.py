@@ -83,8 +83,9 @@ def convert_official_checkpoint(
     max_shard_size = parse_size(max_shard_size)
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    backend = load_tokenizer(tokenizer)  # before the archive: a wrong path must not wait for a 26 GB stream
-    with open_checkpoint(src, work_dir or out.resolve().parent, progress) as checkpoint:
+    opened = open_checkpoint(src, work_dir or out.resolve().parent, progress)  # checks SRC, reads nothing yet
+    backend = load_tokenizer(tokenizer)  # before the stream: a wrong path must not wait for a 26 GB archive
+    with opened as checkpoint:
         text, found_name = checkpoint.config_text()
         official, kwargs, image_mean, image_std = read_official_config(text, src, allow_unknown_config_keys)
         check_tokenizer(backend, tokenizer, kwargs["text_config"])

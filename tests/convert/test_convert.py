@@ -27,7 +27,6 @@ from safetensors.torch import load_file
 from check_official_parity import compare
 from honeybee_hf.convert import ConversionError, convert_official_checkpoint, weight_files
 from honeybee_hf.convert import archive as archive_module
-from honeybee_hf.convert import conversion as conversion_module
 from honeybee_hf.convert import writer as writer_module
 from honeybee_hf.convert.cli import main
 from honeybee_hf.convert.official import UNUSED_VISION_PREFIX, official_config_to_kwargs, official_key
@@ -602,15 +601,11 @@ def test_missing_and_truncated_shards_are_refused(tmp_path):
 def test_an_unreadable_tokenizer_is_refused_before_the_checkpoint_is_read(tmp_path, monkeypatch):
     make_official_checkpoint(tmp_path / "src", "early")
     archive = make_archive(tmp_path / "src" / "early", tmp_path / "early.tar.gz")
-    opened, open_checkpoint = [], conversion_module.open_checkpoint
-    monkeypatch.setattr(
-        conversion_module,
-        "open_checkpoint",
-        lambda *args, **kwargs: opened.append(args) or open_checkpoint(*args, **kwargs),
-    )
+    opened, enter = [], archive_module.ArchiveCheckpoint.__enter__
+    monkeypatch.setattr(archive_module.ArchiveCheckpoint, "__enter__", lambda self: opened.append(self) or enter(self))
     with pytest.raises(ConversionError, match="cannot load the tokenizer"):
         convert_official_checkpoint(archive, tmp_path / "out", tmp_path / "nowhere.model", progress=False)
-    assert opened == []  # a release archive is 14-27 GB: a wrong tokenizer path must not wait for it
+    assert opened == []  # a release archive is 14-27 GB: a wrong tokenizer path must not wait for its stream
     assert not (tmp_path / "out").exists()
 
 
