@@ -726,6 +726,10 @@ class HoneybeeModel(HoneybeePreTrainedModel):
         `to_tuple()` with `return_dict=False` (`config.return_dict` when not told); transformers 4 returns the visual
         tokens themselves unless `return_dict=True`.
         """
+        if pixel_values is None:
+            # 5.x's generate calls this with whatever `pixel_values` its caller passed, None for a text-only prompt
+            # included (LLaVA raises there); no images encode to nothing, which forward reads as a text-only prompt.
+            return None
         S = self.config.vision_config.image_size
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, S, S):
             raise ValueError(

@@ -335,6 +335,19 @@ def test_images_encoded_once_give_what_their_pixels_give(projector_type):
         assert model._supports_mm_encoder_outputs()
 
 
+@pytest.mark.parametrize("projector_type", PROJECTORS)
+def test_text_only_generate_takes_pixel_values_none(projector_type):
+    """`generate(pixel_values=None)`, as a loop over mixed prompts passes it for a text-only one, generates what the
+    same prompt without the argument does (5.x's generate hands the None to `get_image_features`)."""
+    model, processor = build(projector_type, seed=7)
+    batch = processor(text="Human: Say hello.\nAI: ", return_tensors="pt")
+    options = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    want = model.generate(**batch, **options)
+    got = model.generate(**batch, pixel_values=None, **options)
+    assert got.sequences.tolist() == want.sequences.tolist()
+    torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # torch.compile
 # ---------------------------------------------------------------------------------------------------------
