@@ -241,6 +241,11 @@ def median(values):
     return statistics.median(values)
 
 
+def median_and_runs(values, digits):
+    """`median (run, run, ...)`, each with `digits` decimals."""
+    return f"{median(values):.{digits}f} ({', '.join(f'{v:.{digits}f}' for v in values)})"
+
+
 def spread(values):
     """(p20, p80) of the runs."""
     if len(values) < 2:

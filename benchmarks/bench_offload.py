@@ -75,10 +75,6 @@ def run_split(folder, cpu_memory, new_tokens, offload_folder):
     }
 
 
-def _median_and_runs(values, form):
-    return f"{form.format(C.median(values))} ({', '.join(form.format(v) for v in values)})"
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path)
@@ -114,8 +110,8 @@ def main():
                 budget,
                 f"{results[0]['in_memory']} / {results[0]['on_disk']}",
                 f"{C.median([r['load_s'] for r in results]):.0f}",
-                _median_and_runs([r["ttft_s"] for r in results], "{:.1f}"),
-                _median_and_runs([r["decode_s"] for r in results], "{:.2f}"),
+                C.median_and_runs([r["ttft_s"] for r in results], 1),
+                C.median_and_runs([r["decode_s"] for r in results], 2),
                 f"{max(r['peak_rss_gib'] for r in results):.2f}",
                 f"{diff:.2e} (of max {first_logits.abs().max().item():.1f})",
                 f"NO: {different[0]}" if different else "yes",

@@ -107,7 +107,7 @@ def run_ttft(args):
                     prompt,
                     tokens,
                     f"{flops[(1, prompt, name)][1] / flops[(1, prompt, REFERENCE)][1]:.2f}",
-                    f"{C.median(ttft):.2f} ({', '.join(f'{t:.2f}' for t in ttft)})",
+                    C.median_and_runs(ttft, 2),
                     " / ".join(f"{C.median(runs[name][c][0]) / C.median(ref[c][0]):.2f}" for c in clocks),
                     f"{step:.3f} ({', '.join(f'{s:.3f}' for s in C.spread(steps))})",
                     f"{decode_bytes(llama, tokens + NEW_TOKENS / 2) / 1e9:.2f}",
@@ -420,7 +420,7 @@ def run_quant(args):
             [
                 method,
                 f"{first_forward:.1f}",
-                f"{C.median(ttfts):.2f} ({', '.join(f'{t:.2f}' for t in ttfts)})",
+                C.median_and_runs(ttfts, 2),
                 f"{C.median(steps):.3f} ({', '.join(f'{s:.3f}' for s in C.spread(steps))})",
                 f"{roofline:.3f}",
                 f"{C.median(steps) / roofline:.2f}",
