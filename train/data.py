@@ -11,9 +11,10 @@ A sample is one JSON object per line (JSONL; a JSON array file, as LLaVA ships, 
 
 LLaVA writes `<image>` inside the human text; the official Honeybee layout gives each image its own human turn, so each
 sample becomes chat messages with one image item per `<image>`, which the processor's chat template renders in the
-official format. The processor tokenizes it, truncates it (never inside an image's placeholders) and labels it by
-the official rule (honeybee/tokenization_honeybee.py): only the answers after "\\nAI: " and their `</s>` are
-learned; everything else is -100.
+official format; `apply_chat_template(tokenize=True, return_assistant_tokens_mask=True)` tokenizes it, and its assistant
+mask is the official label rule
+(honeybee/tokenization_honeybee.py): only the answers after "\\nAI: " and their `</s>` are learned; everything else
+is -100.
 
 Bad samples are reported as `file:line: problem` (and appended to a JSONL report file when one is given). With
 `bad_samples="skip"` they are left out (problems found while loading an image mid-run are replaced by the next
@@ -282,19 +283,27 @@ class HoneybeeConversationDataset(Dataset):
                 images.append(load_rgb_image(path))
             except (ValueError, OSError) as error:  # undecodable, though its header looked fine
                 raise BadSampleError(sample.where, str(error)) from None
-        prompt = self.processor.apply_chat_template(sample.messages)
+        pictures = iter(images)  # each image item of the messages, in order, gets its decoded image
+        messages = [
+            {**m, "content": [{**c, "image": next(pictures)} if c["type"] == "image" else c for c in m["content"]]}
+            for m in sample.messages
+        ]
         try:
-            encoded = self.processor(
-                text=prompt,
-                images=images or None,
-                return_labels=True,
-                padding=False,
-                truncation=self.max_length is not None,
-                max_length=self.max_length,
+            encoded = self.processor.apply_chat_template(
+                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
             )
-        except (ValueError, TypeError, OSError, RuntimeError) as error:  # an image cut, or unusable pixels
+        except (ValueError, TypeError, OSError, RuntimeError) as error:  # unusable pixels
             raise BadSampleError(sample.where, str(error)) from None
-        ids, labels = [list(map(int, row)) for row in (encoded["input_ids"][0], encoded["labels"][0])]
+        ids = encoded["input_ids"][0].tolist()
+        labels = [i if learned else IGNORE_INDEX for i, learned in zip(ids, encoded["assistant_masks"][0].tolist())]
+        # Cut here rather than through the processor's `truncation`: 4.57's apply_chat_template raises IndexError
+        # when truncation removes a whole assistant turn.
+        if self.max_length is not None and len(ids) > self.max_length:
+            if self.processor.image_token_id in ids[self.max_length :]:
+                raise BadSampleError(
+                    sample.where, f"max_length={self.max_length} would cut an image's placeholder tokens; raise it"
+                )
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
         if all(label == IGNORE_INDEX for label in labels):
             raise BadSampleError(sample.where, f"no answer token is left within max_length={self.max_length}")
         return {"input_ids": ids, "labels": labels, "pixel_values": encoded.get("pixel_values")}
