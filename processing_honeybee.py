@@ -126,7 +126,6 @@ def write_text_atomic(path, text):
 
 
 class HoneybeeTextKwargs(TextKwargs, total=False):
-    return_labels: bool  # the official training labels (answers and their `</s>`; -100 elsewhere)
     return_text_replacement_offsets: bool  # a processor option of transformers 5; 4.57 does not know it
 
 
@@ -154,16 +153,16 @@ class HoneybeeProcessor(ProcessorMixin):
     A text is one of: a prompt rendered by a chat template (whatever `apply_chat_template` renders, or a text that
     starts with `<s>`), which goes to the tokenizer as it is; a prompt in the official format (it contains `<image>`
     or "\nHuman: ", as the official code takes it), which gets each piece's dummy-prefix space and each answer's
-    `</s>` written in first; or a bare question, which the chat template renders as one user turn with one `<image>`
-    per image of its sample and the generation prompt.
-    Without `return_labels` an official prompt's final answer is left open for generation (its `</s>` is not added),
-    as the official inference does. Batches are padded on the tokenizer's side (left, for generation).
+    `</s>` but the last one's written in first (its final answer is left open, as the official inference leaves it);
+    or a bare question, which the chat template renders as one user turn with one `<image>` per image of its sample
+    and the generation prompt. Batches are padded on the tokenizer's side (left, for generation). Training labels
+    come from `apply_chat_template(..., return_assistant_tokens_mask=True)`: the template's generation blocks hold
+    exactly what the official loss learns.
 
     Options are routed as transformers' processors route them: flat or in `text_kwargs`/`images_kwargs` (the same
     option in both raises), over the tokenizer's saved defaults. Text options go to the tokenizer (`padding`, default
-    True, `max_length`, `truncation`, which never cuts an image's placeholders, ...), plus `return_mm_token_type_ids`,
-    `return_text_replacement_offsets` and `return_labels` (the official training labels); image options go to the
-    image processor (`do_normalize`, ...).
+    True, `max_length`, `truncation`, which never cuts an image's placeholders, ...), plus `return_mm_token_type_ids`
+    and `return_text_replacement_offsets`; image options go to the image processor (`do_normalize`, ...).
 
     Args:
         image_processor (`CLIPImageProcessor`), tokenizer (Llama sentencepiece tokenizer with `<image>` added),
@@ -219,45 +218,31 @@ class HoneybeeProcessor(ProcessorMixin):
         """A hand-written text without `<image>` or role markers; nothing `apply_chat_template` renders is one."""
         return not (_RENDERED.get() or self.image_token in text or HUMAN in text or AI in text)
 
-    def _tokenizer_text(self, text, num_images, close_answers):
-        """A text of any of the three kinds -> (the tokenizer-ready prompt, the (start, end) of each answer in it)."""
+    def _tokenizer_text(self, text, num_images):
+        """A text of any of the three kinds -> the tokenizer-ready prompt."""
         bos, eos = self.tokenizer.bos_token, self.tokenizer.eos_token
         if self._is_bare_question(text):
             content = [{"type": "image"}] * num_images + ([{"type": "text", "text": text}] if text else [])
             rendered = self.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-            return rendered[len(bos) :] if bos and rendered.startswith(bos) else rendered, []
-        if _RENDERED.get() or (bos and text.startswith(bos)):  # rendered: answers end with `</s>` (or the text)
-            spans, done = [], 0
-            ends = [(m.end(), True) for m in re.finditer(re.escape(eos), text)] + [(len(text), False)]
-            for end, closed in ends:
-                head = text[done:end]  # an answer follows the last "\nAI: " (a caption: the `<image>`)
-                marker, image = head.rfind(AI), head.rfind(self.image_token)
-                if marker >= 0:
-                    spans.append((done + marker + len(AI), end))
-                elif closed and image >= 0:
-                    spans.append((done + image + len(self.image_token), end))
-                done = end
-            return text, spans
+            return rendered[len(bos) :] if bos and rendered.startswith(bos) else rendered
+        if _RENDERED.get() or (bos and text.startswith(bos)):
+            return text
         if text.startswith(CAPTION_PROMPT):  # the official pre-training format drops "[NO_PROMPT] "
             pieces = [self.image_token, text[len(CAPTION_PROMPT) :]]
-            previous_of = {1: AI}
         else:
             pieces = [
                 p for p in re.split(f"({re.escape(self.image_token)}|{re.escape(AI)}|{re.escape(HUMAN)})", text) if p
             ]
-            previous_of = {i: pieces[i - 1] for i in range(1, len(pieces))}
         specials = tuple(self.tokenizer.all_special_tokens)
-        prompt, spans = "", []
+        prompt = ""
         for i, piece in enumerate(pieces):
-            start = len(prompt)
             if prompt and not prompt.endswith(specials) and not piece.startswith(specials):
                 prompt += " "  # sentencepiece's dummy prefix of this piece
             prompt += piece
-            if previous_of.get(i) == AI and piece != self.image_token:
-                if not piece.endswith(eos) and (close_answers or i < len(pieces) - 1):
-                    prompt += eos  # the official code ends every answer with </s>
-                spans.append((start, len(prompt)))
-        return prompt, spans
+            answered = 0 < i < len(pieces) - 1 and pieces[i - 1] == AI and piece != self.image_token
+            if answered and not piece.endswith(eos):
+                prompt += eos  # the official code ends every answer with </s>; the last one is left open
+        return prompt
 
     def _text_features(
         self,
@@ -268,20 +253,19 @@ class HoneybeeProcessor(ProcessorMixin):
         return_attention_mask=None,
         return_offsets_mapping=False,
         return_length=False,
-        return_labels=False,
         return_mm_token_type_ids=False,
         return_text_replacement_offsets=False,
         return_token_type_ids=None,  # never returned: transformers 4's generate rejects them
         **tokenizer_options,
     ):
-        """Tokenizer-ready prompts, `<image>` expanded, through the tokenizer; then the labels, offsets and image
+        """Tokenizer-ready prompts, `<image>` expanded, through the tokenizer; then the offsets and image
         replacements the options ask for. Offsets index each text as given (`<image>` unexpanded), or with
         `return_text_replacement_offsets` the text with every `<image>` expanded (transformers 5 shifts the assistant
         spans by the replacements)."""
         refused = [k for k, v in tokenizer_options.items() if k in _UNSUPPORTED_TEXT_OPTIONS and v]
         if refused:
             raise ValueError(f"HoneybeeProcessor does not support {', '.join(refused)}; tokenize such text yourself")
-        prompts, answers = zip(*(self._tokenizer_text(t, n, return_labels) for t, n in zip(texts, images_per_text)))
+        prompts = [self._tokenizer_text(t, n) for t, n in zip(texts, images_per_text)]
         encoded, offsets = self._tokenize(prompts, add_special_tokens, truncation=truncation, **tokenizer_options)
         if truncation not in (None, False, "do_not_truncate"):
             self._check_placeholders_kept(encoded["input_ids"], prompts, tokenizer_options.get("max_length"))
@@ -295,10 +279,6 @@ class HoneybeeProcessor(ProcessorMixin):
                 [int(i == self.image_token_id) for i in ids] for ids in encoded["input_ids"]
             ]
         images = [[m.start() for m in re.finditer(re.escape(self.image_token), prompt)] for prompt in prompts]
-        if return_labels:
-            features["labels"] = [
-                self._labels(*row) for row in zip(encoded["input_ids"], offsets, answers, images, strict=True)
-            ]
         if return_offsets_mapping:
             features["offset_mapping"] = (
                 offsets
@@ -341,13 +321,6 @@ class HoneybeeProcessor(ProcessorMixin):
                     "text"
                 )
 
-    def _labels(self, ids, offsets, answers, images):
-        """The official training labels: each token of an answer (`answers`: (start, end) in the prompt, whose
-        `<image>`s start at `images`) keeps its id, every other token is -100."""
-        gain = len(self.replace_image_token()) - len(self.image_token)
-        answers = [(_expanded(start, images, gain), _expanded(end, images, gain)) for start, end in answers]
-        return [i if any(s < end and e > start for start, end in answers) else -100 for i, (s, e) in zip(ids, offsets)]
-
     def _offsets_as_given(self, offsets, images):
         """Token offsets in the expanded prompt -> in the prompt as given (whose `<image>`s start at `images`)."""
         width = len(self.replace_image_token())
@@ -367,13 +340,6 @@ class HoneybeeProcessor(ProcessorMixin):
             }
             for k, p in enumerate(images)
         ]
-
-    def encode_prompt(self, prompt, add_bos=True):
-        """Token ids of one prompt and, for each id, 1 where the official training loss applies (answers + `</s>`)."""
-        features, _ = self._text_features(
-            [prompt], [prompt.count(self.image_token)], add_special_tokens=add_bos, return_labels=True, padding=False
-        )
-        return features["input_ids"][0], [int(label != -100) for label in features["labels"][0]]
 
     def _images_per_text(self, texts, images):
         """Split `images` (None, an image, a flat list, or one list per text) into one list per text."""
@@ -520,11 +486,6 @@ class HoneybeeProcessor(ProcessorMixin):
 
 for _name, _value in processor_class_attributes().items():
     setattr(HoneybeeProcessor, _name, _value)
-
-
-def _expanded(position, images, gain):
-    """A position in a text -> the same position once each `<image>` (starting at `images`) grew by `gain`."""
-    return position + gain * bisect.bisect_left(images, position)
 
 
 def _unexpanded(offsets, images, image_width, width):

@@ -65,7 +65,7 @@ def test_conversation_renders_the_official_prompt_across_turns(chat):
     )
     assert rendered.startswith("<s>") and rendered.endswith("AI: ")
     ids = chat.inputs(image, history2, "Third?")["input_ids"]
-    assert ids[0].tolist() == list(chat.processor.encode_prompt(official)[0])
+    assert ids[0].tolist() == chat.processor(text=official, images=[image])["input_ids"][0]
     assert (ids == chat.model.config.image_token_id).sum() == chat.model.config.num_visual_tokens  # one image
 
 

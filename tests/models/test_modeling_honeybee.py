@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from honeybee_hf.configuration_honeybee import HoneybeeConfig, HoneybeeProjectorConfig
 from honeybee_hf.testing_utils import tiny_config, tiny_model, tiny_processor
-from utils import TF4, load_and_run, photo, run_script
+from utils import TF4, load_and_run, official_messages, photo, run_script, training_inputs
 from utils.load_and_run import load
 
 PROJECTORS = ["c-abs", "d-abs"]
@@ -66,12 +66,8 @@ def test_offline_hub_cache_snapshot_loads(tiny_folder, tmp_path):
 def test_logits_and_loss_against_manual_computation():
     config = tiny_config("c-abs")
     model, processor = tiny_model(config), tiny_processor(config)
-    inputs = processor(
-        images=photo(),
-        text=TRAINING_PROMPT.format(q="What is in the image?", a="A man."),
-        return_tensors="pt",
-        return_labels=True,
-    )
+    messages, _ = official_messages(TRAINING_PROMPT.format(q="What is in the image?", a="A man."), [photo()])
+    inputs = training_inputs(processor, messages)
     out = model(**inputs)
     # independent reference: embed, overwrite the placeholders with get_image_features, run the bare LM
     embeds = model.get_input_embeddings()(inputs["input_ids"]).clone()
@@ -162,9 +158,7 @@ def test_several_images_per_prompt_and_text_only_prompts():
 def test_gradient_checkpointing_gives_the_same_gradients(projector_type):
     config = tiny_config(projector_type)
     processor = tiny_processor(config)
-    inputs = processor(
-        images=photo(), text=TRAINING_PROMPT.format(q="Q?", a="An answer."), return_tensors="pt", return_labels=True
-    )
+    inputs = training_inputs(processor, official_messages(TRAINING_PROMPT.format(q="Q?", a="An answer."), [photo()])[0])
     grads = []
     for checkpointing in (False, True):
         model = tiny_model(config, seed=4).train()  # train mode: the D-Abstractor's dropout is live

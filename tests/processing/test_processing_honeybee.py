@@ -26,7 +26,7 @@ from honeybee_hf.image_loading_honeybee import load_rgb_image
 from honeybee_hf.processing_honeybee import AI, HUMAN, SYSTEM_PROMPT, HoneybeeProcessor
 from honeybee_hf.testing_utils import TOY_SPM, tiny_config, tiny_model, tiny_processor
 from utils import OFFICIAL_FIXTURES as FIXTURES
-from utils import PHOTO_DIR
+from utils import PHOTO_DIR, official_messages, training_inputs
 
 TF_MAJOR = int(transformers.__version__.split(".")[0])
 NUM_QUERY, NUM_EOS = 4, 1  # 5 placeholders per image, as the fixture; num_eos_tokens != 0 on purpose
@@ -137,13 +137,20 @@ def pixel_values_of(processor, image):
 
 
 @pytest.mark.parametrize("case", range(5))
-def test_encode_prompt_matches_official(processor, toy, case):
+def test_prompts_and_chat_messages_match_official(processor, toy, case):
+    """Each official case as the official code takes it (the prompt, written by hand: inference leaves a final answer
+    open, `no_eos=True`) and as a chat client sends it (messages: training ids and labels, `no_eos=False`)."""
     meta, tensors = toy
     assert meta["num_visual_tokens"] == processor.num_visual_tokens
-    ids, mask = processor.encode_prompt(meta["cases"][case]["prompt"])
-    assert ids == official_ids(tensors[f"case{case}.input_ids"], processor).tolist()
-    assert labels_of(ids, mask) == tensors[f"case{case}.labels"].tolist()
-    assert len(ids) == meta["cases"][case]["seq_length"]
+    prompt = meta["cases"][case]["prompt"]
+    images = [photo(i) for i in range(prompt.count("<image>"))]
+    expected = official_ids(tensors[f"case{case}.input_ids"], processor).tolist()
+    messages, open_turn = official_messages(prompt, images)
+    ids = processor(text=prompt, images=images or None)["input_ids"][0]
+    assert ids == (expected if open_turn else expected[:-1])
+    out = training_inputs(processor, messages, add_generation_prompt=open_turn)
+    assert out["input_ids"][0].tolist() == expected and len(expected) == meta["cases"][case]["seq_length"]
+    assert out["labels"][0].tolist() == tensors[f"case{case}.labels"].tolist()
 
 
 @pytest.mark.parametrize("batch", ["batch_left", "batch_right"])
@@ -152,11 +159,14 @@ def test_batches_match_official(processor, toy, batch):
     spec = meta[batch]
     prompts = [meta["cases"][i]["prompt"] for i in spec["prompts"]]
     images = [photo(i) for i in range(sum(p.count("<image>") for p in prompts))]
+    pictures = iter(images)
+    chats = [official_messages(p, [next(pictures) for _ in range(p.count("<image>"))]) for p in prompts]
+    conversations, (open_turn, *_) = zip(*chats)
     if batch == "batch_left":  # official inference: padding_side="left", no_eos=True; ours by default
         out = processor(text=prompts, images=images, return_tensors="pt")
-        labels = processor(text=prompts, images=images, return_tensors="pt", return_labels=True)["labels"]
+        labels = training_inputs(processor, list(conversations), "left", add_generation_prompt=open_turn)["labels"]
     else:  # official training batch: padding_side="right", no_eos=False
-        out = processor(text=prompts, images=images, return_tensors="pt", return_labels=True, padding_side="right")
+        out = training_inputs(processor, list(conversations), "right")
         labels = out["labels"]
     assert set(out) >= {"input_ids", "attention_mask", "pixel_values"} and "token_type_ids" not in out
     assert torch.equal(out["input_ids"], official_ids(tensors[f"{batch}.input_ids"], processor))
@@ -167,17 +177,15 @@ def test_batches_match_official(processor, toy, batch):
 
 
 def test_final_answer_eos_follows_official_no_eos(processor, toy):
-    """Official inference (no_eos=True) drops only a final `</s>`; training labels keep it; inner answers keep
-    theirs."""
+    """Official inference (no_eos=True) drops only a final `</s>`; inner answers keep theirs; a `</s>` written by
+    hand stays."""
     meta, tensors = toy
     eos = processor.tokenizer.eos_token_id
     answered = meta["cases"][2]["prompt"]  # ends with "\nAI: A dog lying on the floor."
     full = official_ids(tensors["case2.input_ids"], processor).tolist()
     assert full[-1] == eos
-    inference = processor(text=answered, images=[photo()])["input_ids"][0]
-    training = processor(text=answered, images=[photo()], return_labels=True)
-    assert inference == full[:-1]
-    assert training["input_ids"][0] == full and training["labels"][0] == tensors["case2.labels"].tolist()
+    assert processor(text=answered, images=[photo()])["input_ids"][0] == full[:-1]
+    assert processor(text=answered + "</s>", images=[photo()])["input_ids"][0] == full
     multi_turn = processor(text=meta["cases"][4]["prompt"])["input_ids"][0]  # "...AI: No</s>\nHuman: ...\nAI: "
     assert multi_turn == tensors["case4.input_ids"].tolist() and eos in multi_turn
 
@@ -193,22 +201,31 @@ def test_tokenizer_matches_sentencepiece(processor, spm, text):
     assert processor.tokenizer(text)["input_ids"] == [spm.bos_id()] + spm.encode(text)
 
 
-def test_encode_prompt_matches_sentencepiece_reference(processor, spm):
-    """The whole official algorithm on raw sentencepiece, with tricky text in every slot of the prompt."""
+def test_prompts_and_chat_messages_match_sentencepiece_reference(processor, spm):
+    """The whole official algorithm on raw sentencepiece, with tricky text in every slot of the prompt: the prompt
+    written by hand (ids; a final answer left open for generation) and the same turns as chat messages (ids and
+    labels)."""
     image_id = processor.image_token_id
     for text in TRICKY:
+        answer = text if text.strip() else f"{text}x"  # an empty answer is no assistant turn
         for prompt in [
             f"{SYSTEM_PROMPT}{HUMAN}<image>{HUMAN}{text}{AI}",
             f"{text}{HUMAN}<image>{text}<image>{HUMAN}{text}{AI}{text}{HUMAN}{text}{AI}",
-            f"[NO_PROMPT] <image> {text}" if text else "[NO_PROMPT] <image> x",
+            f"{text}{HUMAN}<image>{HUMAN}{text}{AI}{answer}{HUMAN}{text}{AI}{answer}",
+            f"[NO_PROMPT] <image> {answer}",
         ]:
-            ids, mask = processor.encode_prompt(prompt)
+            images = [photo(i) for i in range(prompt.count("<image>"))]
+            ids, mask = official_encode(spm, prompt, processor.num_visual_tokens, image_id)
             if prompt.startswith("[NO_PROMPT]"):  # <s> <image> caption </s>, loss on caption and </s>
                 caption = spm.encode(prompt[len("[NO_PROMPT] <image> ") :])
-                expected = [1] + [image_id] * 5 + caption + [2], [0] * 6 + [1] * (len(caption) + 1)
-            else:
-                expected = official_encode(spm, prompt, processor.num_visual_tokens, image_id)
-            assert (ids, mask) == expected, repr(prompt)
+                ids, mask = [1] + [image_id] * 5 + caption + [2], [0] * 6 + [1] * (len(caption) + 1)
+            inference = ids[:-1] if mask[-1] else ids  # a final answer is left open
+            assert processor(text=prompt, images=images)["input_ids"][0] == inference, prompt
+            if "<image>" + text + "<image>" in prompt:  # no chat message puts text between two images of a turn
+                continue
+            messages, open_turn = official_messages(prompt, images)
+            out = training_inputs(processor, messages, add_generation_prompt=open_turn)
+            assert out["input_ids"][0].tolist() == ids and out["labels"][0].tolist() == labels_of(ids, mask), prompt
 
 
 @pytest.fixture(scope="module")
@@ -399,7 +416,7 @@ def test_bare_question_is_wrapped(processor):
     ]
     for text, images, prompt in cases:
         out = processor(text=text, images=images)
-        assert out["input_ids"][0] == processor.encode_prompt(prompt)[0], (text, prompt)
+        assert out["input_ids"][0] == processor(text=prompt, images=images)["input_ids"][0], (text, prompt)
         assert ("pixel_values" in out) == bool(images)
     single = processor(text="What?", images=a, return_tensors="pt")  # one image, not in a list
     assert torch.equal(single["pixel_values"], processor(text="What?", images=[a], return_tensors="pt")["pixel_values"])
@@ -422,7 +439,7 @@ def test_images_are_paired_with_texts_in_order(processor):
     assert [(row == image_id).sum().item() for row in nested["input_ids"]] == [per_image, 2 * per_image, 0]
     assert nested["pixel_values"].shape[0] == 3
     assert all(torch.equal(nested["pixel_values"][i], alone[i]) for i in range(3))
-    third = processor.encode_prompt(f"{SYSTEM_PROMPT}{HUMAN}third{AI}")[0]  # no images: wrapped without <image>
+    third = processor(text=f"{SYSTEM_PROMPT}{HUMAN}third{AI}")["input_ids"][0]  # no images: wrapped without <image>
     assert nested["input_ids"][2, -len(third) :].tolist() == third
 
     flat = processor(text=["first", "second"], images=[imgs[0], imgs[1]], return_tensors="pt")  # one image per text
@@ -446,7 +463,7 @@ def test_image_token_expansion(processor, num_query_tokens, num_eos_tokens):
 def test_outputs_and_padding(processor):
     texts = ["Short?", "A much longer question about the picture, with many more words in it?"]
     images = [photo(0), photo(1)]
-    for kwargs in [{}, {"return_tensors": "pt"}, {"return_labels": True}, {"text_kwargs": {"padding": True}}]:
+    for kwargs in [{}, {"return_tensors": "pt"}, {"padding_side": "right"}, {"text_kwargs": {"padding": True}}]:
         assert "token_type_ids" not in processor(text=texts, images=images, **kwargs)
     assert processor.model_input_names == ["input_ids", "attention_mask", "pixel_values"]
 
@@ -456,8 +473,8 @@ def test_outputs_and_padding(processor):
     assert pad > 0 and left["attention_mask"][0, :pad].eq(0).all() and left["attention_mask"][0, pad:].eq(1).all()
     assert left["input_ids"][0, :pad].eq(processor.tokenizer.pad_token_id).all() and left["input_ids"][0, pad] == 1
 
-    right = processor(text=texts, images=images, return_tensors="pt", padding_side="right", return_labels=True)
-    assert right["attention_mask"][0, -pad:].eq(0).all() and right["labels"][0, -pad:].eq(-100).all()
+    right = processor(text=texts, images=images, return_tensors="pt", padding_side="right")
+    assert right["attention_mask"][0, -pad:].eq(0).all()
     assert torch.equal(right["input_ids"][0, : right["input_ids"].shape[1] - pad], left["input_ids"][0, pad:])
 
     fixed = processor(text=texts, images=images, return_tensors="pt", padding="max_length", max_length=100)
@@ -490,8 +507,8 @@ def test_placeholder_and_image_count_mismatches(processor):
 
 def test_truncation_never_cuts_image_placeholders(processor):
     prompt = f"{SYSTEM_PROMPT}{HUMAN}<image>{HUMAN}What is in the image?{AI}"
-    length = len(processor.encode_prompt(prompt)[0])
-    image_end = max(i for i, t in enumerate(processor.encode_prompt(prompt)[0]) if t == processor.image_token_id) + 1
+    ids = processor(text=prompt, images=[photo()])["input_ids"][0]
+    length, image_end = len(ids), max(i for i, t in enumerate(ids) if t == processor.image_token_id) + 1
     with pytest.raises(ValueError, match="raise max_length or shorten the text"):
         processor(text=prompt, images=[photo()], truncation=True, max_length=image_end - 1)
     cut = processor(text=prompt, images=[photo()], truncation=True, max_length=image_end)["input_ids"][0]
@@ -625,7 +642,7 @@ def test_processor_round_trip_through_hub_folder(processor, tmp_path):
 
     texts = ["What is this?", "Two\nHuman: <image>\nHuman: <image>\nAI: ", "Text only, with  double spaces 🐝"]
     images = [[photo(0)], [photo(1), photo(2, (7, 3))], []]
-    for kwargs in [{}, {"return_labels": True, "padding_side": "right"}]:
+    for kwargs in [{}, {"padding_side": "right"}]:
         ours = processor(text=texts, images=images, return_tensors="pt", **kwargs)
         theirs = loaded(text=texts, images=images, return_tensors="pt", **kwargs)
         assert set(ours) == set(theirs)
@@ -1015,7 +1032,7 @@ def test_vllm_processor_contract(processor):
 
 def test_offsets_index_the_prompt_or_the_expanded_prompt(processor):
     prompt = f"<s>{SYSTEM_PROMPT}{HUMAN}<image>{HUMAN}What is it?{AI}A dog.</s>"
-    plain = processor(text=prompt, images=[photo()], return_offsets_mapping=True, return_labels=True)
+    plain = processor(text=prompt, images=[photo()], return_offsets_mapping=True)
     expanded = processor(
         text=prompt, images=[photo()], return_offsets_mapping=True, return_text_replacement_offsets=True
     )
@@ -1029,7 +1046,7 @@ def test_offsets_index_the_prompt_or_the_expanded_prompt(processor):
         assert pieces[0] == "<s>" and pieces[-1] == "</s>" and "".join(pieces[-4:-1]).strip() == "A dog."
         image_pieces = [p for i, p in zip(ids, pieces) if i == processor.image_token_id]
         assert image_pieces == ["<image>"] * processor.num_visual_tokens
-    assert plain["labels"][0][-1] == processor.tokenizer.eos_token_id  # a written </s> is kept, and learned
+    assert plain["input_ids"][0][-1] == processor.tokenizer.eos_token_id  # a written </s> is kept
 
 
 def test_push_to_hub_uploads_the_version_neutral_files(processor, tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import transformers
 from PIL import Image
 
 from honeybee_hf.testing_utils import tiny_config, tiny_model, tiny_processor
-from utils import PHOTO_DIR
+from utils import PHOTO_DIR, official_messages, training_inputs
 
 pytest.importorskip("triton")
 peft = pytest.importorskip("peft")
@@ -39,7 +39,10 @@ def remote_kernels(model, name):
 
 
 def inputs_for(config, labels=False):
-    return tiny_processor(config)(images=Image.open(PHOTO), text=PROMPT, return_tensors="pt", return_labels=labels)
+    processor, image = tiny_processor(config), Image.open(PHOTO)
+    if labels:
+        return training_inputs(processor, official_messages(PROMPT, [image])[0])
+    return processor(images=image, text=PROMPT, return_tensors="pt")
 
 
 @pytest.mark.parametrize("projector_type", ["c-abs", "d-abs"])

@@ -19,7 +19,7 @@ from honeybee_hf.train.data import (
     conversation_to_messages,
 )
 from utils import OFFICIAL_FIXTURES as FIXTURES
-from utils import other_python
+from utils import other_python, photo
 from utils.finetune import (
     ANSWERS,
     IMAGES,
@@ -129,6 +129,11 @@ def _dataset(tmp_path, records, processor, **kwargs):
     return HoneybeeConversationDataset(data, processor, image_root=IMAGES, **kwargs)
 
 
+def ids_of(processor, prompt, num_images):
+    """The ids of a prompt, rendered or in the official format (its final answer closed by hand)."""
+    return processor(text=prompt, images=[photo(i) for i in range(num_images)])["input_ids"][0]
+
+
 def test_llava_conversation_becomes_official_prompt(fixture_processor):
     """The chat template's rendering of the messages has the ids and labels of the official prompt."""
     turns = [
@@ -153,12 +158,12 @@ def test_llava_conversation_becomes_official_prompt(fixture_processor):
         + "A dog."
     )
     rendered = fixture_processor.apply_chat_template(conversation_to_messages(turns, 2))
-    assert fixture_processor.encode_prompt(rendered) == fixture_processor.encode_prompt(expected)
+    assert ids_of(fixture_processor, rendered, 2) == ids_of(fixture_processor, expected + "</s>", 2)
     # Images without <image> go to the first human turn, as in LLaVA; a system turn replaces the system prompt.
     plain = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]
     rendered = fixture_processor.apply_chat_template(conversation_to_messages(plain, 1))
     expected = "Be brief." + HUMAN + "<image>" + HUMAN + "Q" + AI + "A"
-    assert fixture_processor.encode_prompt(rendered) == fixture_processor.encode_prompt(expected)
+    assert ids_of(fixture_processor, rendered, 1) == ids_of(fixture_processor, expected + "</s>", 1)
 
 
 def test_labels_match_official_single_turn_and_caption(tmp_path, fixture_processor):

@@ -1,19 +1,22 @@
-"""What the tests share: where things are, the transformers version, the photos, and running a script in another
-interpreter. Area-specific helpers sit beside this module: `cli` (console scripts and their stderr), `finetune`
-(a tiny trainable model and the photo data set), `kernel_check` (kernel against reference), `official_format`
-(checkpoints written as the official code writes them) and `load_and_run` (load a Hub folder and run it, also a
-script).
+"""What the tests share: where things are, the transformers version, the photos, running a script in another
+interpreter, and training inputs from chat messages. Area-specific helpers sit beside this module: `cli` (console
+scripts and their stderr), `finetune` (a tiny trainable model and the photo data set), `kernel_check` (kernel against
+reference), `official_format` (checkpoints written as the official code writes them) and `load_and_run` (load a Hub
+folder and run it, also a script).
 
 Test modules import it as `utils`: pytest puts tests/ (the folder of the root conftest.py) on sys.path. A script the
 tests run in a fresh process puts tests/ there itself.
 """
 
+import re
 import subprocess
 from pathlib import Path
 
 import transformers
 
 import honeybee_hf
+from honeybee_hf.processing_honeybee import AI, CAPTION_PROMPT, HUMAN, IMAGE_TOKEN, NO_PROMPT
+from honeybee_hf.train.data import IGNORE_INDEX, HoneybeeCollator
 
 TF4 = transformers.__version__.startswith("4.")  # the tests' one name for "running on transformers 4.57"
 TESTS = Path(__file__).resolve().parent.parent
@@ -48,3 +51,41 @@ def run_script(python, *args, env=None):
     if result.returncode != 0:
         raise AssertionError(f"{python} {args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+def training_inputs(processor, conversations, padding_side="right", **kwargs):
+    """What train/data.py and its collator feed the model for chat messages (one conversation or a list of them):
+    each conversation through `apply_chat_template(tokenize=True)`, its `labels` the ids under the assistant mask
+    (-100 elsewhere), padded into one batch."""
+    samples = []
+    for messages in [conversations] if isinstance(conversations[0], dict) else conversations:
+        out = processor.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt", **kwargs
+        )
+        ids, mask = out["input_ids"][0].tolist(), out["assistant_masks"][0].tolist()
+        labels = [i if learned else IGNORE_INDEX for i, learned in zip(ids, mask)]
+        samples.append({"input_ids": ids, "labels": labels, "pixel_values": out.get("pixel_values")})
+    return HoneybeeCollator(processor.tokenizer.pad_token_id, padding_side)(samples)
+
+
+def official_messages(prompt, images=()):
+    """A prompt in the official format -> (chat messages, whether it ends with an open "\\nAI: " turn), `images`
+    filling its `<image>`s in order: the official test cases as a chat client would send them."""
+    images = iter(images)
+    if prompt.startswith(CAPTION_PROMPT):
+        caption = {"role": "assistant", "content": [{"type": "text", "text": prompt[len(CAPTION_PROMPT) :]}]}
+        image = {"role": "user", "content": [{"type": "image", "image": next(images)}]}
+        return [{"role": "system", "content": [{"type": "text", "text": NO_PROMPT}]}, image, caption], False
+    system, *turns = re.split(f"({re.escape(HUMAN)}|{re.escape(AI)})", prompt)
+    messages = [{"role": "system", "content": [{"type": "text", "text": system}]}]
+    for marker, text in zip(turns[::2], turns[1::2]):
+        if marker == AI:
+            if text:
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
+            continue
+        item = {"type": "image", "image": next(images)} if text == IMAGE_TOKEN else {"type": "text", "text": text}
+        if messages[-1]["role"] == "user":
+            messages[-1]["content"].append(item)
+        else:
+            messages.append({"role": "user", "content": [item]})
+    return messages, turns[-2:] == [AI, ""]
