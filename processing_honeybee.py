@@ -11,7 +11,6 @@ tokenizer on the rendered text gives the official ids, for this processor, vLLM,
 
 import bisect
 import contextvars
-import json
 import os
 import re
 import tempfile
@@ -25,11 +24,10 @@ from transformers.tokenization_utils_base import TextInput
 
 from .image_loading_honeybee import load_rgb_image
 from .transformers_compat import (
-    image_processor_file,
     pil_clip_image_processor_class,
     processor_class_attributes,
+    processor_files,
     processor_level_text_options,
-    tokenizer_files,
 )
 
 IMAGE_TOKEN = "<image>"
@@ -443,39 +441,15 @@ class HoneybeeProcessor(ProcessorMixin):
 
     def save_pretrained(self, save_directory, push_to_hub=False, **kwargs):
         """Write the processor as files that transformers 4.57 and 5.x both load, whichever of them runs this
-        (`transformers_compat.tokenizer_files`, `image_processor_file`), each atomically; several chat templates
-        as both versions' loaders read them: the default one in chat_template.jinja, the others in
-        additional_chat_templates/. `push_to_hub=True` then uploads them as the library does (`repo_id`, `token`,
-        `commit_message`, ... in `kwargs`).
-
-        Not `ProcessorMixin.save_pretrained`: on 5.x it writes `tokenizer_class: TokenizersBackend` and nests the image
-        processor (as `CLIPImageProcessorPil`) in processor_config.json, and 4.57 loads neither.
-        """
-        templates = self.chat_template if isinstance(self.chat_template, dict) else {"default": self.chat_template}
-        for key in templates:  # each name becomes a file name: it must not lead out of the folder (as the library)
-            if not key or key in (".", "..") or Path(key).name != key or "\\" in key:
-                raise ValueError(f"invalid chat template name {key!r}: use a plain file name (no path)")
+        (`transformers_compat.processor_files`: not `ProcessorMixin.save_pretrained`, whose 5.x files 4.57 cannot
+        load), each atomically. `push_to_hub=True` then uploads them as the library does (`repo_id`, `token`,
+        `commit_message`, ... in `kwargs`)."""
+        settings = {key: getattr(self, key) for key in ("num_query_tokens", "num_eos_tokens", "image_token")}
+        files = processor_files(self, settings)
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         if self._auto_class is not None:  # loaded as remote code: the folder gets this file and those it imports too
             custom_object_save(self, folder)
-        name = type(self).__name__
-        processor_config = {
-            "processor_class": name,
-            "auto_map": {"AutoProcessor": f"{type(self).__module__.rsplit('.', 1)[-1]}.{name}"},
-            "num_query_tokens": self.num_query_tokens,
-            "num_eos_tokens": self.num_eos_tokens,
-            "image_token": self.image_token,
-        }
-        files = {
-            "processor_config.json": json.dumps(processor_config, indent=2, sort_keys=True) + "\n",
-            "preprocessor_config.json": image_processor_file(self.image_processor, name),
-            **{
-                "chat_template.jinja" if key == "default" else f"additional_chat_templates/{key}.jinja": template
-                for key, template in templates.items()
-            },
-            **tokenizer_files(self.tokenizer, processor_class=name),
-        }
         for file_name, text in files.items():
             (folder / file_name).parent.mkdir(exist_ok=True)
             write_text_atomic(folder / file_name, text)

@@ -6,6 +6,7 @@ imported relatively), so a Hub folder loads on both versions whichever one wrote
 """
 
 import json
+from pathlib import Path
 
 import transformers
 from tokenizers import Tokenizer
@@ -84,6 +85,31 @@ def processor_level_text_options(options):
     them at the top level of the merged options, 4.57 (which does not know the second) in `text_kwargs`."""
     keys = ("return_mm_token_type_ids", "return_text_replacement_offsets")
     return {key: options[key] for key in keys if key in options}
+
+
+def processor_files(processor, settings):
+    """{file name: text} of an image-processor-and-tokenizer processor that 4.57 and 5.x both load, whichever runs
+    this: 5.x's `ProcessorMixin.save_pretrained` writes `tokenizer_class: TokenizersBackend` and nests the image
+    processor (as `CLIPImageProcessorPil`) in processor_config.json, and 4.57 loads neither. `settings`: the
+    processor's own `__init__` values, for processor_config.json. Several chat templates are written as both
+    versions' loaders read them: the default one in chat_template.jinja, the others in additional_chat_templates/."""
+    templates = processor.chat_template
+    templates = templates if isinstance(templates, dict) else {"default": templates}
+    for key in templates:  # each name becomes a file name: it must not lead out of the folder (as the library)
+        if not key or key in (".", "..") or Path(key).name != key or "\\" in key:
+            raise ValueError(f"invalid chat template name {key!r}: use a plain file name (no path)")
+    name = type(processor).__name__
+    module = type(processor).__module__.rsplit(".", 1)[-1]
+    processor_config = {"processor_class": name, "auto_map": {"AutoProcessor": f"{module}.{name}"}, **settings}
+    return {
+        "processor_config.json": _json(processor_config),
+        "preprocessor_config.json": image_processor_file(processor.image_processor, name),
+        **{
+            "chat_template.jinja" if key == "default" else f"additional_chat_templates/{key}.jinja": template
+            for key, template in templates.items()
+        },
+        **tokenizer_files(processor.tokenizer, processor_class=name),
+    }
 
 
 def tokenizer_files(tokenizer, processor_class=None):
