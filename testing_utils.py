@@ -10,6 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from .configuration_honeybee import HoneybeeConfig
+from .convert.chat_template import CHAT_TEMPLATE
 from .convert.official import official_image_processor
 from .convert.tokenizer import load_backend, save_tokenizer_files
 from .hub.folder import save_hub_folder
@@ -75,6 +76,7 @@ def tiny_processor(config):
     return HoneybeeProcessor(
         official_image_processor(config.vision_config.image_size),
         tokenizer,
+        chat_template=CHAT_TEMPLATE,
         num_query_tokens=pc.num_query_tokens,
         num_eos_tokens=pc.num_eos_tokens,
     )

@@ -190,6 +190,7 @@ def build_processor(backend, config, image_mean=None, image_std=None):
     from transformers import AutoTokenizer
 
     from ..processing_honeybee import HoneybeeProcessor
+    from .chat_template import CHAT_TEMPLATE
     from .tokenizer import save_tokenizer_files
 
     with tempfile.TemporaryDirectory() as folder:
@@ -201,7 +202,11 @@ def build_processor(backend, config, image_mean=None, image_std=None):
     )
     pc = config.projector_config
     return HoneybeeProcessor(
-        image_processor, tokenizer, num_query_tokens=pc.num_query_tokens, num_eos_tokens=pc.num_eos_tokens
+        image_processor,
+        tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        num_query_tokens=pc.num_query_tokens,
+        num_eos_tokens=pc.num_eos_tokens,
     )
 
 

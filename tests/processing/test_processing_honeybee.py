@@ -268,7 +268,13 @@ def test_rendered_prompts_give_official_ids_with_a_vocabulary_that_merges_spaces
     folder.mkdir()
     save_tokenizer_files(load_backend(whitespace_vocab), folder)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    proc = HoneybeeProcessor(processor.image_processor, tokenizer, num_query_tokens=NUM_QUERY, num_eos_tokens=NUM_EOS)
+    proc = HoneybeeProcessor(
+        processor.image_processor,
+        tokenizer,
+        chat_template=processor.chat_template,
+        num_query_tokens=NUM_QUERY,
+        num_eos_tokens=NUM_EOS,
+    )
     image_id = proc.image_token_id
     for text in ["What is in the image?", " a  cat ", "  What", "dog\n", "Human: AI:"]:
         messages = [
@@ -310,7 +316,11 @@ def test_image_preprocessing_matches_official(processor):
     meta, tensors = fixture("image_preprocess_224")
     size = meta["image_size"]
     big = HoneybeeProcessor(
-        official_image_processor(size), processor.tokenizer, num_query_tokens=NUM_QUERY, num_eos_tokens=NUM_EOS
+        official_image_processor(size),
+        processor.tokenizer,
+        chat_template=processor.chat_template,
+        num_query_tokens=NUM_QUERY,
+        num_eos_tokens=NUM_EOS,
     )
     array = tensors["image_uint8_hwc"].numpy()
     expected = tensors["pixel_values"]
