@@ -525,6 +525,24 @@ def test_too_long_samples_are_bad(tmp_path, base):
         _dataset(tmp_path, records, processor, max_length=20).encode(ds.samples[0])
 
 
+def test_a_sample_cut_after_its_first_answer_keeps_that_answer(tmp_path, base):
+    """max_length cutting into the second answer's turn: the tokens kept are the whole sample's first tokens, labelled
+    as in the whole sample (4.57's own truncation raised IndexError when a whole assistant turn fell off)."""
+    processor = load_processor(base)
+    turns = [("human", "Q one?"), ("gpt", "First answer."), ("human", "Q two " * 20), ("gpt", "Second answer.")]
+    record = {"conversations": [{"from": role, "value": value} for role, value in turns]}
+    whole = _dataset(tmp_path, [record], processor, max_length=None)
+    full = whole.encode(whole.samples[0])
+    first = next(i for i, label in enumerate(full["labels"]) if label != -100)
+    first_end = next(i for i in range(first, len(full["labels"])) if full["labels"][i] == -100)  # past its </s>
+    for max_length in (first_end, first_end + 20):
+        cut = _dataset(tmp_path, [record], processor, max_length=max_length)
+        sample = cut.encode(cut.samples[0])
+        assert sample["input_ids"] == full["input_ids"][:max_length]
+        assert sample["labels"] == full["labels"][:max_length]
+        assert processor.tokenizer.decode([i for i in sample["labels"] if i != -100]).strip() == "First answer.</s>"
+
+
 def test_bf16_lora_keeps_the_base_in_bf16_and_trains_in_fp32(base, data_file, tmp_path):
     trainer = finetune.run(
         [
