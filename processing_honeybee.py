@@ -47,20 +47,6 @@ _RENDERED = contextvars.ContextVar("honeybee_rendered_prompt", default=False)
 # Processor
 
 
-def write_text_atomic(path, text):
-    """Write `text` to `path` through a temporary file in the same folder: a reader never sees half a file."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
 class HoneybeeTextKwargs(TextKwargs, total=False):
     return_text_replacement_offsets: bool  # a processor option of transformers 5; 4.57 does not know it
 
@@ -398,6 +384,20 @@ class HoneybeeProcessor(ProcessorMixin):
 
 for _name, _value in processor_class_attributes().items():
     setattr(HoneybeeProcessor, _name, _value)
+
+
+def write_text_atomic(path, text):
+    """Write `text` to `path` through a temporary file in the same folder: a reader never sees half a file."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
 
 
 def _unexpanded(offsets, images, image_width, width):
