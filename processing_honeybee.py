@@ -88,8 +88,8 @@ class HoneybeeProcessor(ProcessorMixin):
 
     Args:
         image_processor (`CLIPImageProcessor`), tokenizer (Llama sentencepiece tokenizer with `<image>` added),
-        chat_template (`str`, or a dict of named templates), num_query_tokens (`int`): M, num_eos_tokens (`int`),
-        image_token (`str`).
+        chat_template (`str`, or a dict of named templates: a converted folder carries the official one,
+        convert/chat_template.py), num_query_tokens (`int`): M, num_eos_tokens (`int`), image_token (`str`).
     """
 
     valid_processor_kwargs = HoneybeeProcessorKwargs
