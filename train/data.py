@@ -213,6 +213,29 @@ class BadSampleReport:
                 f.write(json.dumps(entry) + "\n")
 
 
+def encode_messages(processor, messages, max_length=None, **template_options):
+    """Chat messages (images inside their image items) -> dict(input_ids, labels, pixel_values or None), as training
+    reads a sample: `apply_chat_template`'s ids, and as labels the ids under its assistant mask (-100 elsewhere), cut
+    to `max_length` at the end; a `ValueError` if that would cut an image's placeholders."""
+    encoded = processor.apply_chat_template(
+        messages,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+        return_tensors="pt",
+        **template_options,
+    )
+    ids = encoded["input_ids"][0].tolist()
+    labels = [i if learned else IGNORE_INDEX for i, learned in zip(ids, encoded["assistant_masks"][0].tolist())]
+    # Cut here rather than through the processor's `truncation`: 4.57's apply_chat_template raises IndexError when
+    # truncation removes a whole assistant turn.
+    if max_length is not None and len(ids) > max_length:
+        if processor.image_token_id in ids[max_length:]:
+            raise ValueError(f"max_length={max_length} would cut an image's placeholder tokens; raise it")
+        ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": ids, "labels": labels, "pixel_values": encoded.get("pixel_values")}
+
+
 class HoneybeeConversationDataset(Dataset):
     """LLaVA-format JSONL files as Honeybee training samples: `input_ids`, `labels` and `pixel_values`.
 
@@ -289,24 +312,12 @@ class HoneybeeConversationDataset(Dataset):
             for m in sample.messages
         ]
         try:
-            encoded = self.processor.apply_chat_template(
-                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
-            )
-        except (ValueError, TypeError, OSError, RuntimeError) as error:  # unusable pixels
+            encoded = encode_messages(self.processor, messages, self.max_length)
+        except (ValueError, TypeError, OSError, RuntimeError) as error:  # an image cut, or unusable pixels
             raise BadSampleError(sample.where, str(error)) from None
-        ids = encoded["input_ids"][0].tolist()
-        labels = [i if learned else IGNORE_INDEX for i, learned in zip(ids, encoded["assistant_masks"][0].tolist())]
-        # Cut here rather than through the processor's `truncation`: 4.57's apply_chat_template raises IndexError
-        # when truncation removes a whole assistant turn.
-        if self.max_length is not None and len(ids) > self.max_length:
-            if self.processor.image_token_id in ids[self.max_length :]:
-                raise BadSampleError(
-                    sample.where, f"max_length={self.max_length} would cut an image's placeholder tokens; raise it"
-                )
-            ids, labels = ids[: self.max_length], labels[: self.max_length]
-        if all(label == IGNORE_INDEX for label in labels):
+        if all(label == IGNORE_INDEX for label in encoded["labels"]):
             raise BadSampleError(sample.where, f"no answer token is left within max_length={self.max_length}")
-        return {"input_ids": ids, "labels": labels, "pixel_values": encoded.get("pixel_values")}
+        return encoded
 
     def __getitem__(self, index):
         for offset in range(len(self.samples)):
@@ -357,5 +368,6 @@ __all__ = [
     "HoneybeeConversationDataset",
     "caption_to_messages",
     "conversation_to_messages",
+    "encode_messages",
     "parse_sample",
 ]

@@ -16,7 +16,7 @@ import transformers
 
 import honeybee_hf
 from honeybee_hf.processing_honeybee import AI, CAPTION_PROMPT, HUMAN, IMAGE_TOKEN, NO_PROMPT
-from honeybee_hf.train.data import IGNORE_INDEX, HoneybeeCollator
+from honeybee_hf.train.data import HoneybeeCollator, encode_messages
 
 TF4 = transformers.__version__.startswith("4.")  # the tests' one name for "running on transformers 4.57"
 TESTS = Path(__file__).resolve().parent.parent
@@ -53,18 +53,11 @@ def run_script(python, *args, env=None):
     return result
 
 
-def training_inputs(processor, conversations, padding_side="right", **kwargs):
-    """What train/data.py and its collator feed the model for chat messages (one conversation or a list of them):
-    each conversation through `apply_chat_template(tokenize=True)`, its `labels` the ids under the assistant mask
-    (-100 elsewhere), padded into one batch."""
-    samples = []
-    for messages in [conversations] if isinstance(conversations[0], dict) else conversations:
-        out = processor.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt", **kwargs
-        )
-        ids, mask = out["input_ids"][0].tolist(), out["assistant_masks"][0].tolist()
-        labels = [i if learned else IGNORE_INDEX for i, learned in zip(ids, mask)]
-        samples.append({"input_ids": ids, "labels": labels, "pixel_values": out.get("pixel_values")})
+def training_inputs(processor, conversations, padding_side="right", **template_options):
+    """What training feeds the model for chat messages (one conversation or a list of them): each through
+    train/data.py's `encode_messages`, padded into one batch by its collator."""
+    rows = [conversations] if isinstance(conversations[0], dict) else conversations
+    samples = [encode_messages(processor, messages, **template_options) for messages in rows]
     return HoneybeeCollator(processor.tokenizer.pad_token_id, padding_side)(samples)
 
 
