@@ -94,7 +94,7 @@ def processor_files(processor, settings):
     processor's own `__init__` values, for processor_config.json. Several chat templates are written as both
     versions' loaders read them: the default one in chat_template.jinja, the others in additional_chat_templates/."""
     templates = processor.chat_template
-    templates = templates if isinstance(templates, dict) else {"default": templates}
+    templates = templates if isinstance(templates, dict) else {} if templates is None else {"default": templates}
     for key in templates:  # each name becomes a file name: it must not lead out of the folder (as the library)
         if not key or key in (".", "..") or Path(key).name != key or "\\" in key:
             raise ValueError(f"invalid chat template name {key!r}: use a plain file name (no path)")

@@ -728,6 +728,23 @@ def test_several_chat_templates_save_and_load(processor, tmp_path):
     )
 
 
+def test_a_processor_without_chat_template_saves_and_loads(processor, tmp_path):
+    """Built from parts without a template (HoneybeeProcessor has no default, as LLaVA's): saved without
+    chat_template.jinja, loaded without one; it tokenizes official-format prompts as the processor with the template
+    does, and a bare question, which only a template can wrap, is refused."""
+    bare = HoneybeeProcessor(
+        processor.image_processor, processor.tokenizer, num_query_tokens=NUM_QUERY, num_eos_tokens=NUM_EOS
+    )
+    folder = hub_folder(tmp_path, bare, "hb_no_template")
+    assert not list(folder.rglob("*.jinja"))
+    loaded = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert loaded.chat_template is None
+    prompt = f"{SYSTEM_PROMPT}{HUMAN}<image>{HUMAN}What?{AI}"
+    assert loaded(text=prompt, images=[photo()])["input_ids"] == processor(text=prompt, images=[photo()])["input_ids"]
+    with pytest.raises(ValueError, match="chat template"):
+        loaded(text="What?", images=[photo()])
+
+
 def test_chat_template_names_cannot_leave_the_folder(processor, tmp_path):
     """A template's name becomes a file name under additional_chat_templates/: one with a path in it is refused
     before anything is written (as the library's processors refuse it), never written outside the folder."""
