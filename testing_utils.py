@@ -3,19 +3,15 @@ benchmarks. Small enough to build, save and run in a second on a CPU, shaped lik
 grid pooled to 3x3 queries (overlapping windows, as 16->12), Cv != Ch and Cv != d_model (projection shortcuts).
 """
 
-import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from .configuration_honeybee import HoneybeeConfig
-from .convert.chat_template import CHAT_TEMPLATE
-from .convert.official import official_image_processor
-from .convert.tokenizer import load_backend, save_tokenizer_files
+from .convert.conversion import build_processor
+from .convert.tokenizer import load_backend
 from .hub.folder import save_hub_folder
 from .modeling_honeybee import HoneybeeForConditionalGeneration
-from .processing_honeybee import HoneybeeProcessor
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TOY_SPM = ASSETS / "toy_spm.model"
@@ -69,17 +65,8 @@ def tiny_config(projector_type="c-abs", text=None, **projector):
 
 
 def tiny_processor(config):
-    with tempfile.TemporaryDirectory() as folder:
-        save_tokenizer_files(load_backend(TOY_SPM), folder)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    pc = config.projector_config
-    return HoneybeeProcessor(
-        official_image_processor(config.vision_config.image_size),
-        tokenizer,
-        chat_template=CHAT_TEMPLATE,
-        num_query_tokens=pc.num_query_tokens,
-        num_eos_tokens=pc.num_eos_tokens,
-    )
+    """The converter's processor for `config`, with the toy tokenizer."""
+    return build_processor(load_backend(TOY_SPM), config)
 
 
 def tiny_model(config, seed=0):

@@ -12,9 +12,8 @@ A sample is one JSON object per line (JSONL; a JSON array file, as LLaVA ships, 
 LLaVA writes `<image>` inside the human text; the official Honeybee layout gives each image its own human turn, so each
 sample becomes chat messages with one image item per `<image>`, which the processor's chat template renders in the
 official format; `apply_chat_template(tokenize=True, return_assistant_tokens_mask=True)` tokenizes it, and its assistant
-mask is the official label rule
-(honeybee/tokenization_honeybee.py): only the answers after "\\nAI: " and their `</s>` are learned; everything else
-is -100.
+mask is the official label rule (honeybee/tokenization_honeybee.py): only the answers after "\\nAI: " and their `</s>`
+are learned; everything else is -100 (`encode_messages`).
 
 Bad samples are reported as `file:line: problem` (and appended to a JSONL report file when one is given). With
 `bad_samples="skip"` they are left out (problems found while loading an image mid-run are replaced by the next
