@@ -33,6 +33,7 @@ from typing import Literal, Optional
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForImageTextToText,
     AutoProcessor,
     HfArgumentParser,
@@ -40,6 +41,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from ..cli import DEBUG_HELP, CommandError, add_debug_flag, check_model_source, console_script
 from ..hub.folder import save_hub_folder
@@ -413,7 +415,7 @@ def _run(argv, callbacks):
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    processor = load_processor(args, training_args)
     bad_samples_report = output_dir / "bad_samples.jsonl"
     dataset = load_training_data(args, processor, bad_samples_report)
     if dataset.has_text_only_samples:
@@ -431,6 +433,22 @@ def _run(argv, callbacks):
         logger.warning("%d bad sample(s) were skipped; see %s", bad, bad_samples_report)
     logger.info("done: %s", where)
     return trainer
+
+
+def load_processor(args, training_args):
+    """The model's processor, its code and the model's copied into transformers' modules cache by one process first.
+
+    transformers copies remote code into that cache in place: a rank importing a file while another rank rewrites it
+    imports half a file (huggingface/transformers#27421). So the main process copies first, then each node's main
+    process (a cache per node: its copy; one cache shared by all nodes: nothing left to copy), then the other ranks,
+    which find every file there.
+    """
+    with training_args.main_process_first(local=False, desc="copying the model's code"):
+        with training_args.main_process_first(local=True, desc="copying the model's code"):
+            processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+            config = AutoConfig.from_pretrained(args.model, trust_remote_code=True)
+            get_class_from_dynamic_module(config.auto_map["AutoModelForImageTextToText"], args.model)
+    return processor
 
 
 def load_training_data(args, processor, report_path):

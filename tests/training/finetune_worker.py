@@ -7,13 +7,20 @@
                    after the first step, and its peak resident memory (benchmarks/bench_sharded_memory.py)
     --dtypes FILE  write to FILE.rank{R}.json the dtype of the weights the abstractor's and the LM head's
                    forward computed with in the first step (what FSDP's mixed-precision policy handed them)
+    --code_copies FILE
+                   write to FILE.rank{R}.json the files this rank copied into transformers' modules cache (the model's
+                   remote code); each copy is slowed (half the file, a pause, the rest), so that ranks which copy
+                   at the same time all find a file missing or half written, and all copy it
 
 Every other argument goes to the command unchanged.
 """
 
 import json
 import os
+import shutil
 import sys
+import time
+import types
 from pathlib import Path
 
 import torch
@@ -98,8 +105,32 @@ class Probe(TrainerCallback):
             save_file(weights, str(Path(self.dump) / f"rank{args.process_index}.safetensors"))
 
 
+def record_code_copies(report):
+    from transformers import dynamic_module_utils
+
+    copied = []
+
+    def copy(source, target, **kwargs):
+        copied.append(str(target))
+        Path(report).write_text(json.dumps(copied))
+        data = Path(source).read_bytes()
+        with open(target, "wb") as out:
+            out.write(data[: len(data) // 2])
+            out.flush()
+            time.sleep(0.3)
+            out.write(data[len(data) // 2 :])
+        return target
+
+    patched = types.ModuleType("shutil")
+    patched.__dict__.update(vars(shutil))
+    patched.copy = patched.copyfile = copy  # transformers 4.57 calls copy, 5.x copyfile
+    dynamic_module_utils.shutil = patched
+
+
 if __name__ == "__main__":
     argv = sys.argv[1:]
     crash_at, dump, dtypes = _pop(argv, "--crash_at"), _pop(argv, "--dump"), _pop(argv, "--dtypes")
-    memory = _pop(argv, "--memory")
+    memory, code_copies = _pop(argv, "--memory"), _pop(argv, "--code_copies")
+    if code_copies:
+        record_code_copies(f"{code_copies}.rank{os.environ['RANK']}.json")
     finetune.run(argv, callbacks=[Probe(int(crash_at) if crash_at else None, dump, dtypes, memory)])

@@ -220,8 +220,9 @@ def test_two_node_torchrun_rendezvous_fsdp_lora(images_only, tmp_path):
     torchrun = _torchrun()[0]
     endpoint = f"127.0.0.1:{_free_port()}"
     out = tmp_path / "two_nodes"
-    args = [*_sharded_args(images_only, out, "lora"), "--fsdp", "full_shard auto_wrap"]
-    env = clean_env(HF_MODULES_CACHE=tmp_path / "modules")
+    copies = tmp_path / "code_copies"
+    args = [*_sharded_args(images_only, out, "lora"), "--fsdp", "full_shard auto_wrap", "--code_copies", copies]
+    env = clean_env(HF_MODULES_CACHE=tmp_path / "modules")  # one cache for both nodes, as a shared home gives
     nodes = [
         subprocess.Popen(
             [
@@ -251,6 +252,12 @@ def test_two_node_torchrun_rendezvous_fsdp_lora(images_only, tmp_path):
     outputs = [node.communicate(timeout=400) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-4000:] + outputs[1][1][-4000:]
     assert "engine: FSDP2, 2 processes, gloo, CPU" in outputs[0][1]
+    # transformers copies remote code into its cache in place: a node copying while the other imports it can
+    # import a half-written file (huggingface/transformers#27421). One process must copy it, before the others.
+    cache = str(tmp_path / "modules")
+    cached = {rank: [path for path in json.loads(Path(f"{copies}.rank{rank}.json").read_text()) if cache in path]
+              for rank in (0, 1) if Path(f"{copies}.rank{rank}.json").exists()}  # fmt: skip
+    assert cached.get(0) and not cached.get(1), cached
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
     merged = merge_adapter(images_only["base"], out / "adapter", tmp_path / "merged").state_dict()
     base = load_model(images_only["base"]).state_dict()
