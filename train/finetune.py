@@ -44,6 +44,7 @@ from transformers import (
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from ..cli import DEBUG_HELP, CommandError, add_debug_flag, check_model_source, console_script
+from ..configuration_honeybee import HoneybeeConfig
 from ..hub.folder import save_hub_folder
 from ..processing_honeybee import SYSTEM_PROMPT
 from .data import BadSampleError, HoneybeeCollator, HoneybeeConversationDataset
@@ -445,8 +446,13 @@ def load_processor(args, training_args):
     """
     with training_args.main_process_first(local=False, desc="copying the model's code"):
         with training_args.main_process_first(local=True, desc="copying the model's code"):
-            processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
             config = AutoConfig.from_pretrained(args.model, trust_remote_code=True)
+            if config.model_type != HoneybeeConfig.model_type:
+                raise CommandError(
+                    f"--model {args.model}: a {config.model_type!r} model, not a Honeybee; pass a folder "
+                    "honeybee-convert wrote (or its Hub repo id)"
+                )
+            processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
             get_class_from_dynamic_module(config.auto_map["AutoModelForImageTextToText"], args.model)
     return processor
 

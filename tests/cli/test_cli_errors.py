@@ -52,6 +52,16 @@ def test_finetune_model_folder_that_does_not_exist(tmp_path):
     assert "Repo id" not in line
 
 
+def test_finetune_model_that_is_not_a_honeybee(tmp_path):
+    model = tmp_path / "gpt2"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    data = tmp_path / "train.jsonl"
+    data.write_text("{}\n")
+    result = finetune("--data", data, model=model, tmp_path=tmp_path)
+    assert_one_line_error(result, "honeybee-finetune", "--model", "gpt2", "not a Honeybee", "honeybee-convert")
+
+
 def test_finetune_output_dir_or_image_root_that_cannot_be(tmp_path, capsys):
     from honeybee_hf.train import finetune as finetune_module
 
